@@ -1,0 +1,150 @@
+"""Files -> examples -> token ids -> batches.
+
+Formats: .txt (one example per line), .jsonl (a "text" field, and "label" for classification),
+.csv / .tsv (a header row naming the text and label columns). Every batch is padded only to its
+own longest example; `pack` removes padding altogether for language modelling.
+"""
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import NanotuneError
+from .losses import IGNORE
+from .tokenizer import pad
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"   # the examples shipped with nanotune
+
+
+def find_data_file(name) -> Path:
+    """`name` as given, or else the file of that name in nanotune's data/ folder."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if (DATA_DIR / name).is_file():
+        return DATA_DIR / name
+    raise NanotuneError(f"data file {name} not found (looked in the current folder and in {DATA_DIR}): check the path")
+
+
+def _text_lines(path: Path):
+    """The file's lines, decoded as UTF-8, with a clear error for binary or mis-encoded files."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise NanotuneError(f"data file {path} is empty: give a file with at least one example")
+    if b"\0" in raw[:8192]:
+        raise NanotuneError(f"data file {path} looks binary (it has NUL bytes): give a UTF-8 text file")
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NanotuneError(f"data file {path} is not UTF-8 text: line {number} has byte {line[e.start]:#x} at column {e.start + 1}; re-save the file as UTF-8") from None
+    return raw.decode("utf-8").removeprefix("\ufeff").splitlines()
+
+
+def read_examples(path, text_column="text", label_column="label", with_labels=False) -> list:
+    """A list of {"text": ..., "label": ...} dicts ("label" only when `with_labels`)."""
+    path = find_data_file(path)
+    lines = _text_lines(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanotuneError(f"{path} line {number} is not valid JSON ({e.msg}): one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise NanotuneError(f"{path} line {number} is not a JSON object: one object per line, with a {text_column!r} field")
+            rows.append(row)
+    elif suffix in (".csv", ".tsv"):
+        rows = list(csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ","))
+    elif with_labels:
+        raise NanotuneError(f"{path} is plain text, which has no labels: use .jsonl, .csv or .tsv with {text_column!r} and {label_column!r} columns")
+    else:
+        return [{"text": line} for line in lines if line.strip()]
+
+    wanted = [text_column] + ([label_column] if with_labels else [])
+    examples = []
+    for number, row in enumerate(rows, start=1):
+        absent = [c for c in wanted if row.get(c) in (None, "")]
+        if absent:
+            have = ", ".join(repr(k) for k in row if k is not None)
+            raise NanotuneError(f"{path} row {number} has no {' or '.join(map(repr, absent))} (its columns: {have}): "
+                                "name the right ones with --text-column / --label-column")
+        example = {"text": str(row[text_column])}
+        if with_labels:
+            example["label"] = str(row[label_column]).strip()
+        examples.append(example)
+    if not examples:
+        raise NanotuneError(f"data file {path} has a header but no examples")
+    return examples
+
+
+def split(examples, fraction, seed):
+    """A deterministic (train, validation) split: the same seed gives the same split."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(examples) * fraction))
+    if n_val >= len(examples):
+        raise NanotuneError(f"{len(examples)} examples are too few to hold out {fraction:.0%} for validation: add data or give --val-data")
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def mix(sources, weights, seed):
+    """Mix several datasets: each source contributes its weight's share of the total, sampled
+    with repetition when it is too small (general data + target-domain data, say 1:3)."""
+    if weights is None:
+        return [e for source in sources for e in source]
+    if len(weights) != len(sources) or any(w <= 0 for w in weights):
+        raise NanotuneError(f"--data-weights needs one positive number per --data file ({len(sources)}), got {weights}")
+    total, generator = sum(len(s) for s in sources), torch.Generator().manual_seed(seed)
+    mixed = []
+    for source, weight in zip(sources, weights):
+        n = round(total * weight / sum(weights))
+        picks = torch.cat([torch.randperm(len(source), generator=generator) for _ in range(math.ceil(n / len(source)))])[:n]
+        mixed += [source[i] for i in picks.tolist()]
+    return mixed
+
+
+def lm_sequences(token_lists, max_length, eos_id):
+    """Causal-LM examples: each text's ids + EOS (the model must learn where a text stops),
+    cut into windows of max_length. Returns (sequences, how many texts needed more than one window)."""
+    sequences, too_long = [], 0
+    for ids in token_lists:
+        ids = ids + [eos_id]
+        too_long += len(ids) > max_length
+        sequences += [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    return sequences, too_long
+
+
+def pack(token_lists, block_size, eos_id):
+    """Concatenate all texts, each followed by EOS, and cut the stream into full blocks: no padding.
+    The tail shorter than a block is kept as one last, shorter block."""
+    stream = [t for ids in token_lists for t in ids + [eos_id]]
+    return [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
+
+
+def batch_order(n, batch_size, seed, epoch, shuffle=True):
+    """Lists of example indices, one per batch; the order depends only on (seed, epoch), so a
+    resumed run sees exactly the batches the interrupted one would have seen."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else list(range(n))
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def lm_batch(sequences, pad_id):
+    """input_ids, attention_mask and labels (B, T) for causal LM, padded on the right to the longest.
+    Padding is told apart by position (attention_mask 0 -> label -100), never by token id."""
+    input_ids, attention_mask = pad(sequences, pad_id)
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    if bool(attention_mask.all()):      # no padding (packed blocks): the fast causal path, no mask
+        attention_mask = None
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def classify_batch(sequences, labels, pad_id):
+    """input_ids, attention_mask (B, T) padded to the longest, and labels (B,)."""
+    input_ids, attention_mask = pad(sequences, pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}

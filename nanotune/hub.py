@@ -1,0 +1,176 @@
+"""Hub ids and folders -> files; reading and writing weights in the Hub layout.
+
+A model is named either by a local folder or by a Hugging Face Hub id ("gpt2").
+Hub ids go through `huggingface_hub`, which keeps a local cache and honours
+HF_HUB_OFFLINE. Weights are read from safetensors only: pickled `.bin` files can
+run code when loaded, so nanotune refuses them.
+"""
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import NanotuneError
+
+# What nanotune needs from a model repository; nothing else is downloaded.
+WANTED_FILES = [
+    "config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "vocab.txt", "adapter_config.json",
+]
+
+
+def resolve(name_or_path) -> Path:
+    """A local folder as is, or a Hub id downloaded into (or found in) the local cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NanotuneError(f"{name_or_path} is a file, not a model folder: pass the folder that holds config.json")
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise NanotuneError(f"no folder {name_or_path}: pass an existing model folder or a Hub id such as gpt2")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=WANTED_FILES))
+    except hub_errors.HFValidationError:
+        raise NanotuneError(f"{name_or_path!r} is neither a folder nor a valid Hub id: pass a model folder or an id such as gpt2") from None
+    except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError):
+        raise NanotuneError(f"no model {name_or_path!r} on the Hugging Face Hub (or it is private or gated): check the id, or log in with `hf auth login`") from None
+    except hub_errors.LocalEntryNotFoundError:
+        raise NanotuneError(f"model {name_or_path!r} is not in the local Hugging Face cache and the Hub cannot be reached"
+                            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') not in (None, '', '0') else ''}:"
+                            " download it once while online, or pass a local model folder") from None
+    except hub_errors.HfHubHTTPError as e:
+        raise NanotuneError(f"could not download {name_or_path!r} from the Hub ({str(e).splitlines()[0]}): check the id and your network") from None
+
+
+def read_config(folder: Path, model_types: tuple) -> dict:
+    """config.json as a dict, after checking that it describes a model type we implement."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise NanotuneError(f"no config.json in {folder}: this is not a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanotuneError(f"{path} is not valid JSON ({e}): restore or re-download it") from None
+    if config.get("model_type") not in model_types:
+        raise NanotuneError(f"{path} describes a {config.get('model_type')!r} model; this loader reads {' or '.join(model_types)}"
+                            " (nanotune implements GPT-2 for text generation and BERT for classification)")
+    return config
+
+
+def config_from_dict(cls, d: dict):
+    """Build a config dataclass from config.json; entries it does not know are kept in `extra`
+    and written back unchanged on save, so nothing of the original config is lost."""
+    known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+
+
+def config_to_dict(config) -> dict:
+    d = dataclasses.asdict(config)
+    return {**d.pop("extra"), **d}
+
+
+def checkpoint_files(folder: Path) -> list:
+    """The safetensors files of a checkpoint: one file, or the shards an index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise NanotuneError(f"{index} names shards that are not there ({', '.join(missing)}): download the whole checkpoint again")
+        return [folder / s for s in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    if pickled:
+        raise NanotuneError(f"{folder} has only pickled weights ({', '.join(sorted(pickled))}); nanotune reads safetensors only, because"
+                            " unpickling can run code: convert the checkpoint to model.safetensors first")
+    raise NanotuneError(f"no model.safetensors in {folder}: pass a folder with Hugging Face safetensors weights")
+
+
+def iter_checkpoint(folder: Path):
+    """Yield (key, tensor) one tensor at a time, so only one copy of the weights is ever held."""
+    for file in checkpoint_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except SafetensorError as e:
+            raise NanotuneError(f"{file} is truncated or corrupt ({e}): download or save it again") from None
+
+
+def _short(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.float32, device="cpu",
+                 optional=()) -> set:
+    """Fill a model built on the meta device with the tensors of a checkpoint.
+
+    `hub_to_name(key)` maps a checkpoint key to the model's parameter name (or None to skip it);
+    `from_hub(name, tensor)` fixes a tensor's layout. Names that start with one of `optional`
+    may be missing (a new head); they are returned so the caller can initialise them.
+    """
+    expected = dict(model.named_parameters())
+    loaded, unexpected, wrong_shape = set(), [], []
+    for key, tensor in iter_checkpoint(folder):
+        name = hub_to_name(key)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        if from_hub is not None:
+            tensor = from_hub(name, tensor)
+        if tensor.shape != expected[name].shape:
+            wrong_shape.append(f"{key} {tuple(tensor.shape)} vs {tuple(expected[name].shape)}")
+            continue
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        module_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, torch.nn.Parameter(tensor.to(device), requires_grad=tensor.is_floating_point()))
+        loaded.add(name)
+    not_loaded = set(expected) - loaded
+    missing = {n for n in not_loaded if not n.startswith(tuple(optional))} if optional else not_loaded
+    problems = [f"missing {_short(missing)}" if missing else "",
+                f"unexpected {_short(unexpected)}" if unexpected else "",
+                f"wrong shape {_short(wrong_shape)}" if wrong_shape else ""]
+    if any(problems):
+        raise NanotuneError(f"the weights in {folder} do not fit the {type(model).__name__} its config.json describes: "
+                            + "; ".join(p for p in problems if p) + ". Check that config.json and the weights belong together")
+    return not_loaded
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def save_model(folder, config: dict, tensors: dict) -> None:
+    """Write config.json and model.safetensors as `transformers` save_pretrained does."""
+    folder = Path(folder)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(config, folder / "config.json")

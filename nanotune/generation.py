@@ -1,0 +1,99 @@
+"""Text generation with a key/value cache, and the sampling filters.
+
+Each step feeds only the newest token through the model; the keys and values of all earlier
+positions come from the cache, so a step costs one position, not the whole sequence again.
+Several prompts run as one batch, padded on the left so that they all end at the same position.
+"""
+import torch
+
+from .gpt2 import KVCache
+from .tokenizer import pad
+
+
+def repetition_penalty_(logits, seen, penalty):
+    """Make tokens already in the text less likely (CTRL paper): divide a positive logit by
+    `penalty`, multiply a negative one. `seen` (B, V) is True for tokens present so far."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits, k):
+    """Keep the k highest logits of each row, set the rest to -inf."""
+    if k is None or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]                  # (B, 1): the k-th largest
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probabilities add up
+    to at least p. The most likely token is always kept, whatever p is."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs                             # mass of the tokens ranked above
+    remove_sorted = mass_before >= p                                       # rank 0 has mass_before 0: kept
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def next_tokens(logits, temperature, top_k, top_p, generator):
+    """Pick one token per row: greedy when temperature is 0, else sample from the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return torch.multinomial(logits.float().softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.0, top_k=None, top_p=None,
+             repetition_penalty=1.0, generator=None, on_token=None):
+    """Continue each prompt (a list of token ids). Returns the new tokens of each, without the EOS.
+
+    `on_token(i, new_ids)` is called after every new token of sequence i (to stream it, or to look
+    for a stop string) and may return True to end that sequence. Generation also stops at EOS,
+    after `max_new_tokens`, or when the model's context is full.
+    """
+    device = model.lm_head.weight.device
+    B = len(prompts)
+    input_ids, attention_mask = (t.to(device) for t in pad(prompts, pad_id, side="left"))   # (B, T)
+    T = input_ids.shape[1]
+    max_new_tokens = min(max_new_tokens, model.config.n_positions - T)
+    cache = KVCache(model.config, B, T + max_new_tokens, device, model.lm_head.weight.dtype)
+    padded = not bool(attention_mask.all())
+    # With left padding a prompt starts at its first real token: count positions from there.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                               # (B, T)
+    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+    seen.scatter_(1, input_ids, attention_mask.bool())
+    new = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    # The prompt in one forward pass fills the cache; only the last position's logits are needed.
+    hidden = model.hidden_states(input_ids, attention_mask if padded else None, position_ids, cache)
+    logits = model.lm_head(hidden[:, -1]).float()                                            # (B, V)
+    for step in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            logits = repetition_penalty_(logits, seen, repetition_penalty)
+        token = next_tokens(logits, temperature, top_k, top_p, generator)                     # (B,)
+        token = token.masked_fill(done, pad_id)                            # finished rows idle on padding
+        finished_now = done.clone()
+        for i, t in enumerate(token.tolist()):
+            if done[i]:
+                continue
+            if t == eos_id:
+                finished_now[i] = True
+                continue
+            new[i].append(t)
+            if on_token is not None and on_token(i, new[i]):
+                finished_now[i] = True
+        done = finished_now
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        seen[torch.arange(B, device=device), token] = True
+        position_ids = position_ids[:, -1:] + 1                                                # (B, 1)
+        if padded:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        hidden = model.hidden_states(token[:, None], attention_mask if padded else None, position_ids, cache)
+        logits = model.lm_head(hidden[:, -1]).float()
+    return new

@@ -7,13 +7,16 @@ With no --prompt, GPT-2 samples from scratch (starting after an end-of-text toke
 `python generate.py --help` lists every option.
 """
 import argparse
+import os
 import sys
 
 import torch
 
 from nanotune import NanotuneError, load_tokenizer
 from nanotune.generation import generate
+from nanotune.lora import load_adapter, merge_lora, read_adapter_config
 from nanotune.models import load_model
+from nanotune.quantize import QuantConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -22,7 +25,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text (GPT-2) or predict labels (BERT classifier).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="out", help="Hub id, or a folder train.py wrote")
+    g.add_argument("--model", default="out", help="Hub id, or a folder train.py wrote (a full model, or a LoRA adapter with its base named inside)")
+    g.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout) to apply to --model")
+    g.add_argument("--quantize", choices=["8bit", "4bit"], help="load the linear layers in 8 or 4 bits (bitsandbytes)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute precision")
     g.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     g = p.add_argument_group("input")
@@ -99,12 +104,27 @@ def classify(model, tokenizer, prompts, device):
         print(f"{labels[int(p.argmax())]}\t" + "  ".join(f"{name}={v:.3f}" for name, v in zip(labels, p.tolist())) + f"\t{prompt}")
 
 
+def load(args, device):
+    """The model (with its adapter applied) and the tokenizer. A folder holding only an adapter
+    names its base model in adapter_config.json."""
+    base, adapter = args.model, args.adapter
+    if adapter is None and os.path.isfile(os.path.join(base, "adapter_config.json")) and not os.path.isfile(os.path.join(base, "config.json")):
+        base, adapter = read_adapter_config(base)["base_model_name_or_path"], base
+    quant = QuantConfig(args.quantize, compute_dtype=DTYPES[args.dtype], cpu_inference_kernel=True) if args.quantize else None
+    model = load_model(base, dtype=DTYPES[args.dtype], device=device, quantize=quant)
+    if adapter is not None:
+        load_adapter(model, adapter)
+        if not args.quantize:     # fold it in: generation then costs what the base model costs
+            merge_lora(model)
+    has_tokenizer = adapter is not None and any(os.path.isfile(os.path.join(adapter, f)) for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
+    return model.eval(), load_tokenizer(adapter if has_tokenizer else base)
+
+
 def main(args):
     check_sampling(args)
     prompts = read_prompts(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
-    tokenizer = load_tokenizer(args.model)
+    model, tokenizer = load(args, device)
     if not hasattr(model, "lm_head"):
         return classify(model, tokenizer, prompts, device)
 

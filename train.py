@@ -23,10 +23,12 @@ from tqdm import tqdm
 from nanotune import NanotuneError, load_tokenizer
 from nanotune.checkpoint import load_state, save_state
 from nanotune.data import batch_order, classify_batch, lm_batch, lm_sequences, mix, pack, read_examples, split
+from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
 from nanotune.losses import causal_lm_loss_sum, classification_loss
 from nanotune.metrics import MetricsLog, accuracy_and_macro_f1
 from nanotune.models import TASKS, load_model, model_type
 from nanotune.optim import freeze, lr_at, make_optimizer
+from nanotune.quantize import QuantConfig, footprint_bytes, parameter_count
 
 
 def parse_args(argv=None):
@@ -62,6 +64,16 @@ def parse_args(argv=None):
     g.add_argument("--label-smoothing", type=float, default=0.0, help="classification: target probability spread over all labels")
     g.add_argument("--patience", type=int, help="stop after this many epochs without a better validation loss")
     g.add_argument("--seed", type=int, default=42, help="same seed, same data order, same run")
+    g = p.add_argument_group("LoRA and quantization (QLoRA)")
+    g.add_argument("--quantize", choices=["8bit", "4bit"], help="load the linear layers in 8 or 4 bits (bitsandbytes); trains LoRA adapters")
+    g.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit number format")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True, help="4-bit: quantize the scales too")
+    g.add_argument("--quantize-skip", default="lm_head,classifier", help="comma-separated layer names kept in full precision")
+    g.add_argument("--lora-r", type=int, help="LoRA rank: train adapters instead of the whole model (default: 8 with --quantize, else off)")
+    g.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale: the update is multiplied by alpha / r")
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", help="comma-separated layer names (default: c_attn,c_proj,c_fc for GPT-2; query,key,value,dense for BERT)")
+    g.add_argument("--merge", action="store_true", help="also write OUT/merged: the adapter folded into the (de-quantized) weights, a plain Hub model")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out", help="folder for the model (Hub layout), metrics.jsonl and the training state")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out exactly where it stopped")
@@ -81,6 +93,19 @@ def prepare_out(args) -> Path:
             raise NanotuneError(f"--out {out} already has files: choose another --out, add --resume to continue that run, or --overwrite to replace it")
         shutil.rmtree(out)
     return out
+
+
+def lora_settings(args, kind):
+    """(QuantConfig or None, LoRAConfig or None) from the command line."""
+    r = args.lora_r if args.lora_r is not None else (8 if args.quantize else 0)
+    if args.quantize and r == 0:
+        raise NanotuneError("--quantize stores weights in 8 or 4 bits, which cannot be trained directly: train LoRA adapters on them (--lora-r 8)")
+    if args.merge and not r:
+        raise NanotuneError("--merge folds a LoRA adapter into the model: use it with --lora-r or --quantize")
+    quant = QuantConfig(args.quantize, args.quant_type, args.double_quant, torch.bfloat16 if args.bf16 else torch.float32,
+                        tuple(args.quantize_skip.split(","))) if args.quantize else None
+    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else DEFAULT_TARGETS[kind]
+    return quant, (LoRAConfig(targets, r, args.lora_alpha, args.lora_dropout) if r else None)
 
 
 def load_data(args, task):
@@ -164,12 +189,16 @@ def main(args):
     out = prepare_out(args)
 
     # 1. The pre-trained model and its tokenizer ------------------------------------------------
-    task = TASKS[model_type(args.model)]
+    kind = model_type(args.model)
+    task = TASKS[kind]
     if args.task and args.task != task:
         raise NanotuneError(f"--task {args.task} does not fit {args.model}: GPT-2 models train as lm, BERT models as classify")
+    quant, lora = lora_settings(args, kind)
     train_examples, val_examples, labels = load_data(args, task)           # 2. The data
-    model = load_model(args.model, labels=labels, device=device)
+    model = load_model(args.model, labels=labels, device=device, quantize=quant)
     tokenizer = load_tokenizer(args.model)
+    if lora:    # freeze the model, train small adapters beside its linear layers
+        add_lora(model, lora)
     context = model.config.n_positions if task == "lm" else model.config.max_position_embeddings
     max_length = args.max_length or context
     if max_length > context:
@@ -196,8 +225,10 @@ def main(args):
     steps_per_epoch = math.ceil(math.ceil(len(train_ids) / args.batch_size) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: {args.model} ({task}), {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters trainable,"
-          f" on {device}; {args.epochs} epochs of {steps_per_epoch} steps")
+    total = parameter_count(model)
+    print(f"model: {args.model} ({task}), {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}),"
+          f" {footprint_bytes(model) / 2**20:,.1f} MiB in memory (fp32: {total * 4 / 2**20:,.1f} MiB), on {device};"
+          f" {args.epochs} epochs of {steps_per_epoch} steps")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     progress = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
@@ -270,8 +301,8 @@ def main(args):
             progress.update(best=min(progress["best"], scores["loss"]), bad_epochs=0 if improved else progress["bad_epochs"] + 1)
         else:
             improved = True
-        if improved:   # 7. Save: a Hub-layout model that generate.py and transformers load
-            model.save_pretrained(out)
+        if improved:   # 7. Save: a Hub-layout model (or PEFT adapter) that generate.py and transformers load
+            save_adapter(model, out, lora, args.model) if lora else model.save_pretrained(out)
             tokenizer.save(out)
         save_state(out / "checkpoint", model, optimizer, progress)
         if args.patience is not None and progress["bad_epochs"] >= args.patience:
@@ -281,6 +312,11 @@ def main(args):
             print(f"stopped after epoch {epoch + 1} as asked: continue with the same command plus --resume")
             return 0
 
+    if lora and args.merge:   # the best adapter, folded into the weights it was trained against
+        merged = merge_lora(load_adapter(load_model(args.model, labels=labels, device=device, quantize=quant), out))
+        merged.save_pretrained(out / "merged")
+        tokenizer.save(out / "merged")
+        print(f"merged model: {out / 'merged'}/")
     if log.plot():
         print(f"loss curve: {out / 'loss.png'}")
     print(f"saved the best model (validation loss {progress['best']:.4f}) to {out}/" if val_ids else f"saved the model to {out}/")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import hub
 from .errors import NanotuneError
+from .quantize import quantize_while_loading
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -158,8 +159,9 @@ class Bert(nn.Module):
         return key
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
-        return _from_pretrained(cls, name_or_path, dtype, device)
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):
+        """A Hub id or folder; `quantize` (a QuantConfig) swaps linear layers for 8/4-bit ones as they load."""
+        return _from_pretrained(cls, name_or_path, dtype, device, quantize)
 
     def save_pretrained(self, folder):
         """Hub layout, as BertModel writes it."""
@@ -191,10 +193,10 @@ class BertClassifier(nn.Module):
         return None if name is None else "bert." + name
 
     @classmethod
-    def from_pretrained(cls, name_or_path, num_labels=None, labels=None, dtype=torch.float32, device="cpu"):
+    def from_pretrained(cls, name_or_path, num_labels=None, labels=None, dtype=torch.float32, device="cpu", quantize=None):
         """`labels` (names in id order) or `num_labels` set the head; by default the config's id2label,
         else 2. A checkpoint without a classifier gets a new, randomly initialised head."""
-        return _from_pretrained(cls, name_or_path, dtype, device, num_labels, labels)
+        return _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels, labels)
 
     def save_pretrained(self, folder):
         """Hub layout, as BertForSequenceClassification writes it."""
@@ -203,7 +205,7 @@ class BertClassifier(nn.Module):
         hub.save_model(folder, config, self.state_dict())
 
 
-def _from_pretrained(cls, name_or_path, dtype, device, num_labels=None, labels=None):
+def _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels=None, labels=None):
     folder = hub.resolve(name_or_path)
     config = hub.config_from_dict(BertConfig, hub.read_config(folder, ("bert",)))
     with torch.device("meta"):      # no memory for weights yet: the checkpoint fills them
@@ -217,7 +219,9 @@ def _from_pretrained(cls, name_or_path, dtype, device, num_labels=None, labels=N
             config.id2label = {str(i): name for i, name in enumerate(labels)}
             config.label2id = {name: i for i, name in enumerate(labels)}
             model = cls(config, len(labels))
-    new = hub.load_weights(model, folder, cls.hub_to_name, dtype=dtype, device=device, optional=("classifier.", "pooler.", "bert.pooler."))
+    after_load = quantize_while_loading(model, quantize) if quantize else None
+    new = hub.load_weights(model, folder, cls.hub_to_name, dtype=dtype, device=device,
+                           optional=("classifier.", "pooler.", "bert.pooler."), after_load=after_load)
     for module_name in sorted({n.rpartition(".")[0] for n in new}):   # a head the checkpoint does not have
         module = model.get_submodule(module_name).to_empty(device=device).to(dtype)
         nn.init.normal_(module.weight, std=config.initializer_range)

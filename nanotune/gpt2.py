@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import hub
 from .errors import NanotuneError
+from .quantize import quantize_while_loading
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),   # GPT-2's own: the tanh approximation
@@ -205,15 +206,17 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_hub(cls, name, tensor):
-        return tensor.t() if name.endswith(cls.CONV1D) else tensor
+        return tensor.t().contiguous() if name.endswith(cls.CONV1D) else tensor
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):
+        """A Hub id or folder; `quantize` (a QuantConfig) swaps linear layers for 8/4-bit ones as they load."""
         folder = hub.resolve(name_or_path)
         config = hub.config_from_dict(GPT2Config, hub.read_config(folder, ("gpt2",)))
         with torch.device("meta"):      # no memory for weights yet: the checkpoint fills them
             model = cls(config)
-        hub.load_weights(model, folder, cls.hub_to_name, cls.from_hub, dtype, device)
+        after_load = quantize_while_loading(model, quantize) if quantize else None
+        hub.load_weights(model, folder, cls.hub_to_name, cls.from_hub, dtype, device, after_load=after_load)
         model.tie_weights()
         model.name_or_path = str(name_or_path)
         return model.eval()

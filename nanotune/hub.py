@@ -112,12 +112,13 @@ def _short(names) -> str:
 
 
 def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.float32, device="cpu",
-                 optional=()) -> set:
+                 optional=(), after_load=None) -> set:
     """Fill a model built on the meta device with the tensors of a checkpoint.
 
     `hub_to_name(key)` maps a checkpoint key to the model's parameter name (or None to skip it);
     `from_hub(name, tensor)` fixes a tensor's layout. Names that start with one of `optional`
     may be missing (a new head); they are returned so the caller can initialise them.
+    `after_load(name)` runs after each tensor is in place (to quantize a layer as soon as it is whole).
     """
     expected = dict(model.named_parameters())
     loaded, unexpected, wrong_shape = set(), [], []
@@ -138,6 +139,8 @@ def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.fl
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, torch.nn.Parameter(tensor.to(device), requires_grad=tensor.is_floating_point()))
         loaded.add(name)
+        if after_load is not None:
+            after_load(name)
     not_loaded = set(expected) - loaded
     missing = {n for n in not_loaded if not n.startswith(tuple(optional))} if optional else not_loaded
     problems = [f"missing {_short(missing)}" if missing else "",

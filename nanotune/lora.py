@@ -1,0 +1,141 @@
+"""LoRA: train two small matrices beside each frozen linear layer instead of the layer itself.
+
+    y = W x + b + (alpha / r) * B A x          A: (r, in), B: (out, r), r much smaller than in/out
+
+W can be full precision or quantized (QLoRA). B starts at zero, so a fresh adapter changes
+nothing. Adapters are saved in the PEFT layout (`adapter_config.json` + `adapter_model.safetensors`)
+so `peft.PeftModel.from_pretrained` loads them, and can be merged into plain weights for export.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from . import hub
+from .errors import NanotuneError
+from .quantize import dequantized_weight
+
+DEFAULT_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"), "bert": ("query", "key", "value", "dense")}
+HEADS = ("classifier",)          # trained in full alongside the adapter (PEFT's modules_to_save)
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoRAConfig:
+    targets: tuple           # last names of the linear layers to adapt, e.g. ("c_attn", "c_proj", "c_fc")
+    r: int = 8               # rank of the update B A
+    alpha: float = 16        # the update is scaled by alpha / r
+    dropout: float = 0.05    # on the adapter's input, during training
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer, r, alpha, dropout):
+        super().__init__()
+        self.base_layer = base_layer          # PEFT's name for the wrapped layer
+        dtype = next((p.dtype for p in base_layer.parameters() if p.is_floating_point()), torch.float32)
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # as nn.Linear and PEFT do
+        nn.init.zeros_(self.lora_B.weight)                              # B = 0: starts as a no-op
+        self.lora_dropout = nn.Dropout(dropout)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain linear layer with W + (alpha / r) B A, de-quantized if the base was quantized."""
+        base = self.base_layer
+        weight = dequantized_weight(base).float() + (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=weight.device, dtype=self.lora_A.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if base.bias is not None:
+                linear.bias.copy_(base.bias)
+        return linear
+
+
+def add_lora(model, cfg: LoRAConfig):
+    """Freeze the model and wrap every linear layer named in `cfg.targets` (by its last name, as
+    PEFT matches them) in a LoRALinear. A classification head stays trainable."""
+    if cfg.r < 1:
+        raise NanotuneError(f"--lora-r {cfg.r}: the adapter rank must be at least 1 (8 or 16 are common)")
+    model.requires_grad_(False)
+    found = set()
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in cfg.targets and isinstance(child, nn.Linear) and child_name != "lm_head":
+                setattr(module, child_name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout))
+                found.add(child_name)
+    unknown = sorted(set(cfg.targets) - found)
+    if unknown:
+        linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head", "lora_A", "lora_B"})
+        raise NanotuneError(f"--lora-targets {', '.join(unknown)}: no such linear layer in {type(model).__name__}; choose from {', '.join(linear_names)}")
+    for head in HEADS:
+        if hasattr(model, head):
+            getattr(model, head).requires_grad_(True)
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its layer: the model becomes plain (and de-quantized where LoRA was)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
+    return model
+
+
+def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
+    """The adapter alone, in PEFT's layout and key names."""
+    folder = Path(folder)
+    is_gpt2 = model.config.model_type == "gpt2"
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if is_gpt2 else "SEQ_CLS",
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": sorted(cfg.targets), "bias": "none",
+        "fan_in_fan_out": is_gpt2,             # GPT-2's Hub weights are Conv1D, stored (in, out)
+        "modules_to_save": None if is_gpt2 else list(HEADS),
+        "base_model_name_or_path": str(base_model_name), "inference_mode": True, "init_lora_weights": True,
+    }
+    tensors = {PEFT_PREFIX + n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    hub.atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    hub.write_json(config, folder / "adapter_config.json")
+
+
+def read_adapter_config(folder) -> dict:
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise NanotuneError(f"no adapter_config.json in {folder}: pass a folder that train.py wrote with LoRA")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise NanotuneError(f"{path} is a {config.get('peft_type')} adapter; nanotune reads LoRA adapters")
+    return config
+
+
+def load_adapter(model, folder):
+    """Add LoRA layers as `adapter_config.json` describes, and fill them (and a saved head) from
+    `adapter_model.safetensors`, PEFT's layout."""
+    config = read_adapter_config(folder)
+    targets = config["target_modules"]
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    add_lora(model, LoRAConfig(targets, config["r"], config["lora_alpha"], 0.0))
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise NanotuneError(f"no adapter_model.safetensors in {folder}: nanotune reads safetensors adapters only")
+    params = dict(model.named_parameters())
+    tensors = {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in load_file(str(path)).items()}
+    wanted = {n for n in params if ".lora_" in n}
+    problems = sorted(wanted - tensors.keys()) + sorted(k for k in tensors if k not in params or params[k].shape != tensors[k].shape)
+    if problems:
+        raise NanotuneError(f"the adapter in {folder} does not fit this model ({', '.join(problems[:3])}): use the base model it was trained on")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return model

@@ -67,6 +67,7 @@ def add_lora(model, cfg: LoRAConfig):
     if cfg.r < 1:
         raise NanotuneError(f"--lora-r {cfg.r}: the adapter rank must be at least 1 (8 or 16 are common)")
     model.requires_grad_(False)
+    linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"})
     found = set()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -75,7 +76,6 @@ def add_lora(model, cfg: LoRAConfig):
                 found.add(child_name)
     unknown = sorted(set(cfg.targets) - found)
     if unknown:
-        linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head", "lora_A", "lora_B"})
         raise NanotuneError(f"--lora-targets {', '.join(unknown)}: no such linear layer in {type(model).__name__}; choose from {', '.join(linear_names)}")
     for head in HEADS:
         if hasattr(model, head):

@@ -73,9 +73,11 @@ def dequantized_weight(linear) -> torch.Tensor:
 
 
 def targets(model, skip):
-    """Names of the linear layers to quantize."""
+    """Names of the linear layers to quantize: not skipped by name, and not sharing their weight
+    with an embedding (GPT-2's output layer is its token embedding, which stays as it is)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not set(name.split(".")) & set(skip)]
+            if isinstance(m, nn.Linear) and not set(name.split(".")) & set(skip) and id(m.weight) not in embeddings]
 
 
 def quantize_while_loading(model, q: QuantConfig):
@@ -105,9 +107,12 @@ def parameter_count(model) -> int:
 
 
 def footprint_bytes(model) -> int:
-    """Bytes held by the model's parameters and buffers, quantization scales included."""
+    """Bytes held by the model's parameters and buffers, quantization scales included (tensors
+    still on the meta device, not loaded yet, hold nothing)."""
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta:
+            continue
         total += t.numel() * t.element_size()
         state = getattr(t, "quant_state", None)                        # 4-bit: block scales
         while state is not None:

@@ -206,7 +206,7 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_hub(cls, name, tensor):
-        return tensor.t().contiguous() if name.endswith(cls.CONV1D) else tensor
+        return tensor.t() if name.endswith(cls.CONV1D) else tensor
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):

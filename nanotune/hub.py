@@ -7,12 +7,12 @@ run code when loaded, so nanotune refuses them.
 """
 import dataclasses
 import json
+import mmap
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import NanotuneError
@@ -95,15 +95,45 @@ def checkpoint_files(folder: Path) -> list:
     raise NanotuneError(f"no model.safetensors in {folder}: pass a folder with Hugging Face safetensors weights")
 
 
+# safetensors dtype names -> torch dtypes
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def iter_checkpoint(folder: Path):
-    """Yield (key, tensor) one tensor at a time, so only one copy of the weights is ever held."""
+    """Yield (key, tensor) one tensor at a time.
+
+    A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte
+    range) and the raw bytes. The file is memory-mapped copy-on-write and each tensor is a view of
+    its bytes: nothing is copied, and pages are read from disk only when used. Once the caller has
+    taken a tensor (kept the view, copied it, or quantized it), its pages are handed back to the OS
+    (MADV_DONTNEED), so a checkpoint is never resident twice; a kept view simply re-reads them
+    from the file on next use. (safetensors' own `safe_open` copies every tensor into memory.)
+    """
     for file in checkpoint_files(folder):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except SafetensorError as e:
-            raise NanotuneError(f"{file} is truncated or corrupt ({e}): download or save it again") from None
+        with open(file, "rb") as f:
+            try:
+                size = os.fstat(f.fileno()).st_size
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+                entries = {k: v for k, v in header.items() if k != "__metadata__"}
+                end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+                if 8 + header_len + end > size or any(v["dtype"] not in DTYPES for v in entries.values()):
+                    raise ValueError(f"{size} bytes, the header describes {8 + header_len + end}")
+            except (ValueError, AttributeError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise NanotuneError(f"{file} is truncated or corrupt ({e}): download or save it again") from None
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        base = 8 + header_len
+        for key, entry in entries.items():
+            start, stop = entry["data_offsets"]
+            dtype = DTYPES[entry["dtype"]]
+            count = (stop - start) // dtype.itemsize
+            tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
+            yield key, tensor.view(entry["shape"])
+            # Page-aligned part of this tensor's bytes: no longer needed in memory.
+            first, last = (base + start + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (base + stop) // mmap.PAGESIZE
+            if last > first and hasattr(mmap, "MADV_DONTNEED"):
+                data.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
 
 
 def _short(names) -> str:

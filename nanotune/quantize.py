@@ -6,6 +6,7 @@ The output head (`lm_head`, tied to GPT-2's embeddings) and a classifier stay in
 Layers are swapped while the checkpoint loads, one at a time, so the full-precision copy of at
 most one layer exists at once.
 """
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -45,11 +46,11 @@ def quantized_linear(linear: nn.Linear, q: QuantConfig):
     if q.mode == "8bit":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
                                     has_fp16_weights=False, threshold=6.0, device="meta")
-        layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(linear.weight.data.contiguous(), requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=q.compute_dtype,
                                   compress_statistics=q.double_quant, quant_type=q.quant_type, device="meta")
-        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.contiguous(), requires_grad=False,
                                          compress_statistics=q.double_quant, quant_type=q.quant_type)
         fits_kernel = linear.in_features % 64 == 0 and linear.out_features % 32 == 0   # its block layout
         layer.support_avx512bf16_for_cpu = layer.support_avx512bf16_for_cpu and q.cpu_inference_kernel and fits_kernel
@@ -97,7 +98,19 @@ def quantize_while_loading(model, q: QuantConfig):
                 parent, _, child = module_name.rpartition(".")
                 owner = model.get_submodule(parent)
                 setattr(owner, child, quantized_linear(getattr(owner, child), q))
+                release_freed_memory()
     return after_load
+
+
+def release_freed_memory():
+    """Quantizing a layer makes full-precision temporaries; glibc keeps freed blocks for reuse,
+    but the small quantized tensors allocated between them leave holes no later layer fits, and
+    the process grows by the fp32 size of the model after all. Hand the free memory back to the
+    OS after each layer (glibc only; elsewhere nothing happens)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def parameter_count(model) -> int:

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from nanotune import NanotuneError, load_tokenizer
+from nanotune.cli import HelpFormatter, run
 from nanotune.generation import generate
 from nanotune.lora import load_adapter, merge_lora, read_adapter_config
 from nanotune.models import load_model
@@ -23,7 +24,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text (GPT-2) or predict labels (BERT classifier).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="out", help="Hub id, or a folder train.py wrote (a full model, or a LoRA adapter with its base named inside)")
     g.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout) to apply to --model")
@@ -152,8 +153,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except NanotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args)

@@ -12,7 +12,6 @@ import argparse
 import math
 import shutil
 import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from nanotune import NanotuneError, load_tokenizer
+from nanotune.cli import HelpFormatter, run
 from nanotune.checkpoint import load_state, save_state
 from nanotune.data import batch_order, classify_batch, lm_batch, lm_sequences, mix, pack, read_examples, split
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
@@ -33,7 +33,7 @@ from nanotune.quantize import QuantConfig, footprint_bytes, parameter_count
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune GPT-2 (text generation) or BERT (classification).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gpt2", help="Hub id or local folder of a GPT-2 or BERT checkpoint")
     g.add_argument("--task", choices=["lm", "classify"], help="default: lm for GPT-2, classify for BERT")
@@ -324,8 +324,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except NanotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args)

@@ -2,7 +2,6 @@
 
 Labels use the Hugging Face convention: -100 marks a position that is not scored (padding).
 """
-import torch
 import torch.nn.functional as F
 
 IGNORE = -100

@@ -3,7 +3,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 
 def accuracy_and_macro_f1(predictions, labels, num_labels):

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA, ROOT, make_gpt2, run_cli
+from conftest import ROOT, make_gpt2, run_cli
 
-from nanotune import GPT2, BertClassifier, NanotuneError, load_tokenizer
+from nanotune import GPT2, BertClassifier, load_tokenizer
 from nanotune.lora import LoRAConfig, LoRALinear, add_lora, load_adapter, merge_lora
 from nanotune.quantize import QuantConfig, footprint_bytes
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_bert, make_gpt2, rewrite_checkpoint, seed_hub_cache
+from conftest import make_gpt2, rewrite_checkpoint, seed_hub_cache
 
 from nanotune import GPT2, Bert, BertClassifier, NanotuneError
 

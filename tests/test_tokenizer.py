@@ -2,7 +2,6 @@
 import shutil
 
 import pytest
-import torch
 
 from nanotune import NanotuneError, load_tokenizer
 

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 from conftest import DATA, ROOT, run_cli
-from safetensors.torch import load_file
 
 import train
 from nanotune import GPT2, NanotuneError, load_tokenizer

@@ -1,0 +1,69 @@
+"""Shared pieces of the benchmarks: the GPT-2 124M-architecture checkpoint, timing, memory, output.
+
+The Hub is not reachable from every machine, so the checkpoint has random weights, saved once by
+`transformers` in the Hub layout; speed and memory do not depend on the values of the weights.
+Every script runs the reference and nanotune in the same process on the same checkpoint and the
+same batches, and reports ratios: absolute times drift on shared machines, ratios measured side by
+side do not.
+"""
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CACHE = Path(os.environ.get("NANOTUNE_BENCH_CACHE", ROOT / "bench" / ".cache"))
+
+SIZES = {  # GPT-2 family shapes
+    "tiny": dict(n_embd=128, n_layer=2, n_head=2),
+    "124M": dict(n_embd=768, n_layer=12, n_head=12),
+    "355M": dict(n_embd=1024, n_layer=24, n_head=16),
+}
+
+
+def checkpoint(size="124M"):
+    """A folder with a GPT-2 checkpoint of this size (random weights, Hub layout), made once."""
+    folder = CACHE / f"gpt2-{size}"
+    if not (folder / "model.safetensors").is_file():
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(**SIZES[size])).save_pretrained(folder)
+    return folder
+
+
+def timed(fn, repeat=1):
+    """Best wall time of `repeat` calls, in seconds (the best is the least disturbed by the machine)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process so far (VmHWM), in MiB."""
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def reset_peak_rss():
+    open("/proc/self/clear_refs", "w").write("5")
+
+
+def machine():
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+
+def report(title, header, rows, extra=None):
+    """Print a Markdown table and one JSON line with the same numbers."""
+    print(f"\n### {title}\n({machine()})\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    print(json.dumps({"benchmark": title, "machine": machine(), "header": header, "rows": rows, **(extra or {})}))

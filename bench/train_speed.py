@@ -1,0 +1,155 @@
+"""Training throughput: nanotune's step vs `transformers` Trainer vs a plain loop over GPT2LMHeadModel.
+
+    python bench/train_speed.py [--quick]
+
+Same checkpoint (GPT-2 124M architecture), same batches (8 x 128 tokens), fp32 and bf16 autocast.
+Each configuration runs in its own process, one after the other in this script, so that its peak
+resident memory is its own. Also: losses step for step against the plain loop with dropout off, and
+the achieved FLOP/s as a share of this machine's measured matmul peak, with
+    model FLOPs per step = 6 x parameters x tokens + 12 x layers x d_model x T x tokens
+(forward + backward of every weight, plus the attention score and value products).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from common import checkpoint, peak_rss_mib, report
+
+
+def batches(n, batch, T, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, T), generator=g) for _ in range(n)]
+
+
+def run_nanotune(folder, data, bf16, dropout=True):
+    from nanotune import GPT2
+    from nanotune.losses import causal_lm_loss_sum
+    from nanotune.optim import make_optimizer
+    model = GPT2.from_pretrained(folder).train()
+    if not dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if hasattr(m, "attn_pdrop"):
+                m.attn_pdrop = 0.0
+    opt = make_optimizer(model, 5e-5, 0.0)
+    losses, times = [], []
+    for ids in data:                       # the body of train.py's loop, minus the bookkeeping
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            total, count = causal_lm_loss_sum(model(ids), ids)
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append((total / count).item())
+        times.append(time.perf_counter() - start)
+    return losses, times
+
+
+def run_plain_loop(folder, data, bf16, dropout=True):
+    from transformers import GPT2LMHeadModel
+    kw = {} if dropout else dict(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    model = GPT2LMHeadModel.from_pretrained(folder, **kw).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
+    losses, times = [], []
+    for ids in data:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter() - start)
+    return losses, times
+
+
+def run_trainer(folder, data, bf16):
+    from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    times, losses = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+
+    rows = [{"input_ids": ids[i], "labels": ids[i]} for ids in data for i in range(ids.shape[0])]
+    args = TrainingArguments(output_dir="/tmp/nanotune-bench-trainer", per_device_train_batch_size=data[0].shape[0],
+                             max_steps=len(data), learning_rate=5e-5, report_to=[], save_strategy="no", logging_steps=1,
+                             bf16=bf16, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=GPT2LMHeadModel.from_pretrained(folder), args=args, train_dataset=rows, callbacks=[Clock()])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, times
+
+
+def matmul_peak(dtype):
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048 ** 3 * n / (time.perf_counter() - start)
+
+
+def worker(impl, size, bf16, steps, batch, T):
+    folder = checkpoint(size)
+    config = json.loads((folder / "config.json").read_text())
+    data = batches(steps, batch, T, config["vocab_size"])
+    run = {"nanotune": run_nanotune, "plain loop": run_plain_loop, "Trainer": run_trainer}[impl]
+    losses, times = run(folder, data, bf16)
+    steady = times[2:] if len(times) > 3 else times       # the first steps warm up allocators and kernels
+    print(json.dumps({"tokens_per_s": batch * T * len(steady) / sum(steady), "peak_rss_mib": peak_rss_mib(), "losses": losses}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        impl, size, bf16, steps, batch, T = args.worker
+        return worker(impl, size, bf16 == "1", int(steps), int(batch), int(T))
+    size, steps, batch, T = ("tiny", 6, 8, 128) if args.quick else ("124M", 12, 8, 128)
+    folder = checkpoint(size)
+    config = json.loads((folder / "config.json").read_text())
+    from nanotune import GPT2
+    n_params = sum(p.numel() for p in GPT2.from_pretrained(folder).parameters())
+    flops_per_step = 6 * n_params * batch * T + 12 * config["n_layer"] * config["n_embd"] * T * batch * T
+    peaks = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16)}
+    rows, results = [], {}
+    for bf16 in (False, True):
+        for impl in ("Trainer", "plain loop", "nanotune"):
+            out = subprocess.run([sys.executable, __file__, "--worker", impl, size, str(int(bf16)), str(steps), str(batch), str(T)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[impl, bf16] = r
+            mfu = r["tokens_per_s"] / (batch * T) * flops_per_step / peaks[bf16]
+            ratio = r["tokens_per_s"] / results["Trainer", bf16]["tokens_per_s"]
+            rows.append(["bf16" if bf16 else "fp32", impl, r["tokens_per_s"], r["peak_rss_mib"], f"{mfu:.0%}", f"{ratio:.2f}x"])
+            print(rows[-1], flush=True)
+    # Step-for-step losses with dropout off (dropout draws random numbers in a different order).
+    folder_data = batches(5, batch, T, config["vocab_size"], seed=1)
+    ours, _ = run_nanotune(folder, folder_data, False, dropout=False)
+    ref, _ = run_plain_loop(folder, folder_data, False, dropout=False)
+    max_rel = max(abs(a - b) / abs(b) for a, b in zip(ours, ref))
+    report(f"Training throughput, GPT-2 {size}, batch {batch} x {T} tokens",
+           ["precision", "loop", "tokens/s", "peak RSS MiB", "share of matmul peak", "vs Trainer"], rows,
+           {"matmul_peak_gflops": {"fp32": peaks[False] / 1e9, "bf16": peaks[True] / 1e9},
+            "loss_max_relative_difference_5_steps": max_rel})
+    print(f"\nmeasured matmul peak: fp32 {peaks[False] / 1e9:,.0f} GFLOP/s, bf16 {peaks[True] / 1e9:,.0f} GFLOP/s;"
+          f" losses over 5 steps (dropout off) vs the plain loop: max relative difference {max_rel:.1e}")
+
+
+if __name__ == "__main__":
+    main()

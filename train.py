@@ -9,6 +9,7 @@ fine-tune in a plain epoch loop, evaluate after every epoch, save. `python train
 lists every option.
 """
 import argparse
+import contextlib
 import math
 import shutil
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotune import NanotuneError, load_tokenizer
+from nanotune import NanotuneError, distributed, load_tokenizer
 from nanotune.cli import HelpFormatter, run
 from nanotune.checkpoint import load_state, save_state
 from nanotune.data import batch_order, classify_batch, lm_batch, lm_sequences, mix, pack, read_examples, split
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--label-smoothing", type=float, default=0.0, help="classification: target probability spread over all labels")
     g.add_argument("--patience", type=int, help="stop after this many epochs without a better validation loss")
     g.add_argument("--seed", type=int, default=42, help="same seed, same data order, same run")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model across ranks (FSDP) instead of copying it (DDP)")
     g = p.add_argument_group("LoRA and quantization (QLoRA)")
     g.add_argument("--quantize", choices=["8bit", "4bit"], help="load the linear layers in 8 or 4 bits (bitsandbytes); trains LoRA adapters")
     g.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit number format")
@@ -82,7 +84,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def prepare_out(args) -> Path:
+def prepare_out(args, main_process) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NanotuneError(f"--out {out} is a file: give a folder")
@@ -91,7 +93,8 @@ def prepare_out(args) -> Path:
     if not args.resume and out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             raise NanotuneError(f"--out {out} already has files: choose another --out, add --resume to continue that run, or --overwrite to replace it")
-        shutil.rmtree(out)
+        if main_process:
+            shutil.rmtree(out)
     return out
 
 
@@ -184,9 +187,13 @@ def evaluate(model, task, sequences, label_ids, batch_size, pad_id, device, auto
 
 
 def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, rank, world = distributed.setup(args.device)     # several ranks when started by torchrun
+    main_process = rank == 0                                 # the one that prints and saves
+    say = print if main_process else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    out = prepare_out(args)
+    out = prepare_out(args, main_process)
+    if args.fsdp and (world == 1 or args.lora_r or args.quantize or args.resume):
+        raise NanotuneError("--fsdp shards a full model across the ranks of a torchrun; it does not combine with LoRA, --quantize or --resume (use DDP: leave --fsdp out)")
 
     # 1. The pre-trained model and its tokenizer ------------------------------------------------
     kind = model_type(args.model)
@@ -212,7 +219,7 @@ def main(args):
     train_ids, train_labels, too_long = tokenize(train_examples, tokenizer, task, max_length, labels, args.pack)
     val_ids, val_labels, _ = tokenize(val_examples, tokenizer, task, max_length, labels, args.pack)
     n_tokens = sum(len(s) for s in train_ids)
-    print(f"data: {len(train_examples)} training and {len(val_examples)} validation examples, {n_tokens:,} training tokens"
+    say(f"data: {len(train_examples)} training and {len(val_examples)} validation examples, {n_tokens:,} training tokens"
           + (f", labels {labels}" if labels else "")
           + (f"; {too_long} examples longer than {max_length} tokens were " + ("split into windows" if task == "lm" else "truncated") if too_long else ""))
     class_weights = None
@@ -220,23 +227,24 @@ def main(args):
         counts = Counter(train_labels)
         class_weights = torch.tensor([len(train_labels) / (len(labels) * counts[k]) for k in range(len(labels))], device=device)
 
-    # 4. Optimizer and schedule ----------------------------------------------------------------
+    # 4. Optimizer and schedule (the model wrapped for several ranks first: DDP or FSDP) ----------
+    train_model = distributed.wrap(model, device, args.fsdp) if world > 1 else model
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(train_ids) / args.batch_size) / args.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(len(train_ids) // world / args.batch_size) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = parameter_count(model)
-    print(f"model: {args.model} ({task}), {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}),"
+    say(f"model: {args.model} ({task}), {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}),"
           f" {footprint_bytes(model) / 2**20:,.1f} MiB in memory (fp32: {total * 4 / 2**20:,.1f} MiB), on {device};"
-          f" {args.epochs} epochs of {steps_per_epoch} steps")
+          f" {args.epochs} epochs of {steps_per_epoch} steps" + (f" on each of {world} ranks" if world > 1 else ""))
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     progress = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
     if args.resume:
         progress = load_state(out / "checkpoint", model, optimizer)
-        print(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step']}")
+        say(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step']}")
     out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out)
+    log = MetricsLog(out, enabled=main_process)
 
     # Ctrl-C / SIGTERM: finish the current optimizer step, save a resumable state, stop.
     stop = {"signal": None}
@@ -249,22 +257,25 @@ def main(args):
     model.train()
     step = progress["step"]
     for epoch in range(progress["epoch"], args.epochs):
-        batches = batch_order(len(train_ids), args.batch_size, args.seed, epoch)
+        batches = batch_order(len(train_ids), args.batch_size, args.seed, epoch, rank=rank, world=world)
         steps = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
         first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
-        bar = tqdm(range(first, len(steps)), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(steps), initial=first, dynamic_ncols=True)
+        bar = tqdm(range(first, len(steps)), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(steps), initial=first, dynamic_ncols=True, disable=not main_process)
         running_loss, running_count, tokens, t0 = torch.zeros((), device=device), 0, 0, time.time()
         for step_in_epoch in bar:
             lr = lr_at(step, args.lr, args.warmup_steps, total_steps, args.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [make_batch(task, train_ids, train_labels, idx, tokenizer.pad_id, device) for idx in steps[step_in_epoch]]
-            # Divide by the real tokens (LM) or examples of the whole step, not per micro-batch.
-            denominator = sum(int((b["labels"] != -100).sum()) if task == "lm" else len(b["labels"]) for b in micro_batches)
-            for batch in micro_batches:
-                with autocast():
-                    summed, _ = loss_sum(model, batch, task, class_weights, args.label_smoothing)
-                (summed / denominator).backward()
+            # Divide by the real tokens (LM) or examples of the whole step, on all ranks, not per micro-batch.
+            local = sum(int((b["labels"] != -100).sum()) if task == "lm" else len(b["labels"]) for b in micro_batches)
+            (denominator,) = distributed.sum_across(local, device=device)
+            for i, batch in enumerate(micro_batches):
+                # DDP averages gradients over ranks in backward: skip that until the last micro-batch.
+                last = i == len(micro_batches) - 1
+                with contextlib.nullcontext() if last or world == 1 or args.fsdp else train_model.no_sync(), autocast():
+                    summed, _ = loss_sum(train_model, batch, task, class_weights, args.label_smoothing)
+                (summed * world / denominator).backward()      # x world: DDP divides by it when averaging
                 running_loss += summed.detach()
             running_count += denominator
             if args.max_grad_norm > 0:
@@ -275,51 +286,59 @@ def main(args):
             tokens += sum(int(b["attention_mask"].sum()) if b["attention_mask"] is not None else b["input_ids"].numel() for b in micro_batches)
 
             if step % 10 == 0 or step_in_epoch == len(steps) - 1:   # reading the loss waits for the device: not every step
-                loss = running_loss.item() / running_count
+                loss_total, count_total = distributed.sum_across(running_loss.item(), running_count, device=device)
+                loss = loss_total / count_total
                 if not math.isfinite(loss):
                     raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
                                         " Lower --lr, keep --max-grad-norm on, or check the data")
-                speed = tokens / (time.time() - t0)
+                speed = tokens * world / (time.time() - t0)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
                 log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed)
                 running_loss.zero_()
                 running_count = 0
-            if stop["signal"] is not None:
-                save_state(out / "checkpoint", model, optimizer, progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step})
+            if distributed.sum_across(stop["signal"] is not None, device=device)[0]:   # every rank stops at the same step
+                if main_process and not args.fsdp:
+                    save_state(out / "checkpoint", model, optimizer, progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step})
                 bar.close()
-                print(f"stopped by signal {stop['signal']}: the state is saved; continue with the same command plus --resume")
-                return 128 + stop["signal"]
+                distributed.barrier()
+                say(f"stopped by signal {stop['signal']}: the state is saved; continue with the same command plus --resume")
+                return 128 + (stop["signal"] or signal.SIGTERM)
         bar.close()
 
         # 6. Evaluate, keep the best epoch ----------------------------------------------------
         progress.update(epoch=epoch + 1, step_in_epoch=0, step=step)
         if val_ids:
-            scores = evaluate(model, task, val_ids, val_labels, args.batch_size, tokenizer.pad_id, device, autocast, len(labels or ()))
+            scores = evaluate(train_model, task, val_ids, val_labels, args.batch_size, tokenizer.pad_id, device, autocast, len(labels or ()))
             log.log("eval", epoch=epoch + 1, step=step, **scores)
-            print(f"epoch {epoch + 1}: " + ", ".join(f"validation {k} {v:.4f}" for k, v in scores.items()))
+            say(f"epoch {epoch + 1}: " + ", ".join(f"validation {k} {v:.4f}" for k, v in scores.items()))
             improved = scores["loss"] < progress["best"]
             progress.update(best=min(progress["best"], scores["loss"]), bad_epochs=0 if improved else progress["bad_epochs"] + 1)
         else:
             improved = True
         if improved:   # 7. Save: a Hub-layout model (or PEFT adapter) that generate.py and transformers load
-            save_adapter(model, out, lora, args.model) if lora else model.save_pretrained(out)
-            tokenizer.save(out)
-        save_state(out / "checkpoint", model, optimizer, progress)
+            full = distributed.full_state_dict(model, args.fsdp)      # FSDP: every rank hands in its shard
+            if main_process:
+                save_adapter(model, out, lora, args.model) if lora else model.save_pretrained(out, state_dict=full)
+                tokenizer.save(out)
+        if main_process and not args.fsdp:
+            save_state(out / "checkpoint", model, optimizer, progress)
+        distributed.barrier()     # nobody reads or writes OUT while rank 0 is still writing it
         if args.patience is not None and progress["bad_epochs"] >= args.patience:
-            print(f"early stop: no better validation loss for {args.patience} epochs")
+            say(f"early stop: no better validation loss for {args.patience} epochs")
             break
         if args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs and epoch + 1 < args.epochs:
-            print(f"stopped after epoch {epoch + 1} as asked: continue with the same command plus --resume")
+            say(f"stopped after epoch {epoch + 1} as asked: continue with the same command plus --resume")
             return 0
 
-    if lora and args.merge:   # the best adapter, folded into the weights it was trained against
+    distributed.shutdown()
+    if lora and args.merge and main_process:   # the best adapter, folded into the weights it was trained against
         merged = merge_lora(load_adapter(load_model(args.model, labels=labels, device=device, quantize=quant), out))
         merged.save_pretrained(out / "merged")
         tokenizer.save(out / "merged")
-        print(f"merged model: {out / 'merged'}/")
+        say(f"merged model: {out / 'merged'}/")
     if log.plot():
-        print(f"loss curve: {out / 'loss.png'}")
-    print(f"saved the best model (validation loss {progress['best']:.4f}) to {out}/" if val_ids else f"saved the model to {out}/")
+        say(f"loss curve: {out / 'loss.png'}")
+    say(f"saved the best model (validation loss {progress['best']:.4f}) to {out}/" if val_ids else f"saved the model to {out}/")
     return 0
 
 

@@ -198,11 +198,11 @@ class BertClassifier(nn.Module):
         else 2. A checkpoint without a classifier gets a new, randomly initialised head."""
         return _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels, labels)
 
-    def save_pretrained(self, folder):
-        """Hub layout, as BertForSequenceClassification writes it."""
+    def save_pretrained(self, folder, state_dict=None):
+        """Hub layout, as BertForSequenceClassification writes it (`state_dict`: gathered FSDP weights)."""
         config = hub.config_to_dict(self.config) | {"architectures": ["BertForSequenceClassification"],
                                                     "problem_type": "single_label_classification"}
-        hub.save_model(folder, config, self.state_dict())
+        hub.save_model(folder, config, state_dict if state_dict is not None else self.state_dict())
 
 
 def _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels=None, labels=None):

@@ -127,11 +127,16 @@ def pack(token_lists, block_size, eos_id):
     return [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
 
 
-def batch_order(n, batch_size, seed, epoch, shuffle=True):
+def batch_order(n, batch_size, seed, epoch, shuffle=True, rank=0, world=1):
     """Lists of example indices, one per batch; the order depends only on (seed, epoch), so a
-    resumed run sees exactly the batches the interrupted one would have seen."""
+    resumed run sees exactly the batches the interrupted one would have seen.
+    With several ranks, rank r takes every world-th example of the order, starting at r: each
+    rank's batch i together are the examples of the one big batch i of a single process. Every rank
+    takes n // world examples, so all run the same number of steps (a few are left out per epoch,
+    different ones each time)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else list(range(n))
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    mine = order[rank::world][:n // world]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 def lm_batch(sequences, pad_id):

@@ -221,9 +221,11 @@ class GPT2(nn.Module):
         model.name_or_path = str(name_or_path)
         return model.eval()
 
-    def save_pretrained(self, folder):
-        """config.json + model.safetensors, as GPT2LMHeadModel writes them (transformers loads it)."""
-        tensors = {name: self.from_hub(name, t) for name, t in self.state_dict().items() if name != "lm_head.weight"}
+    def save_pretrained(self, folder, state_dict=None):
+        """config.json + model.safetensors, as GPT2LMHeadModel writes them (transformers loads it).
+        `state_dict`: the weights to write, if not the module's own (gathered from FSDP shards)."""
+        state = state_dict if state_dict is not None else self.state_dict()
+        tensors = {name: self.from_hub(name, t) for name, t in state.items() if name != "lm_head.weight"}
         config = hub.config_to_dict(self.config) | {"architectures": ["GPT2LMHeadModel"],
                                                     "dtype": str(self.transformer.wte.weight.dtype).removeprefix("torch.")}
         hub.save_model(folder, config, tensors)

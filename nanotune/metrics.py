@@ -21,16 +21,21 @@ def accuracy_and_macro_f1(predictions, labels, num_labels):
 class MetricsLog:
     """Appends every event to OUT/metrics.jsonl; draws OUT/loss.png if matplotlib is installed."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, enabled=True):
         self.path = Path(out) / "metrics.jsonl"
         self.start = time.time()
+        self.enabled = enabled      # only one process of a multi-process run writes
 
     def log(self, event: str, **values):
+        if not self.enabled:
+            return
         record = {"event": event, "time": round(time.time() - self.start, 2), **values}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def plot(self):
+        if not self.enabled:
+            return None
         try:
             import matplotlib
             matplotlib.use("Agg")

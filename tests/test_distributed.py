@@ -1,0 +1,63 @@
+"""train.py under torchrun: 2 CPU ranks with Gloo, DDP and FSDP."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DATA, ROOT, make_gpt2, run_cli
+
+from nanotune import GPT2
+
+
+def torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), *map(str, args)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def no_dropout_gpt2(tmp_path_factory, bpe_dir):
+    """Dropout off, so that one process and two ranks draw no different random numbers."""
+    return make_gpt2(tmp_path_factory.mktemp("gpt2-nodrop"), bpe_dir, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.fixture(scope="module")
+def eight_lines(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "eight.txt"
+    path.write_text("\n".join((DATA / "anecdotes_jokes.txt").read_text().splitlines()[:8]) + "\n")
+    return path
+
+
+def test_two_ranks_of_4_equal_one_process_of_8(tmp_path, no_dropout_gpt2, eight_lines):
+    common = ["--model", no_dropout_gpt2, "--data", eight_lines, "--val-split", 0, "--epochs", 1, "--lr", 1e-2]
+    one = run_cli("train.py", *common, "--batch-size", 8, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*common, "--batch-size", 4, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    assert "1 steps on each of 2 ranks" in two.stdout and two.stdout.count("model:") == 1   # rank 0 alone prints
+    a, b = GPT2.from_pretrained(tmp_path / "one"), GPT2.from_pretrained(tmp_path / "two")
+    start = GPT2.from_pretrained(no_dropout_gpt2)
+    for (name, p), q, p0 in zip(a.named_parameters(), b.parameters(), start.parameters()):
+        assert not torch.equal(p, p0), name                       # one real step was taken
+        assert (p - q).abs().max() <= 1e-5, name
+
+
+def test_two_rank_run_resumes_in_one_process(tmp_path, tiny_gpt2):
+    common = ["--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--epochs", 2, "--lr", 1e-3, "--out", tmp_path / "out"]
+    r = torchrun(*common, "--stop-after-epochs", 1)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("stopped after epoch 1") == 1 and len((tmp_path / "out/metrics.jsonl").read_text().splitlines()) > 0
+    resumed = run_cli("train.py", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 2" in resumed.stdout and "epoch 2: validation loss" in resumed.stdout
+
+
+def test_fsdp_two_ranks_train_and_save_a_loadable_model(tmp_path, tiny_gpt2):
+    r = torchrun("--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--epochs", 1, "--lr", 1e-3, "--fsdp", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    model = GPT2.from_pretrained(tmp_path / "out")
+    start = GPT2.from_pretrained(tiny_gpt2)
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, start.transformer.h[0].mlp.c_fc.weight)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(ids)).all()

@@ -23,8 +23,9 @@ def find_data_file(name) -> Path:
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    if (DATA_DIR / name).is_file():
-        return DATA_DIR / name
+    for candidate in (DATA_DIR / name, DATA_DIR / path.name):
+        if candidate.is_file():
+            return candidate
     raise NanotuneError(f"data file {name} not found (looked in the current folder and in {DATA_DIR}): check the path")
 
 

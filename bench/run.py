@@ -1,0 +1,18 @@
+"""Run every benchmark, one after the other (never two at once: they would slow each other down).
+
+    python bench/run.py --quick     # tiny model: a few minutes
+    python bench/run.py             # GPT-2 124M architecture: the figures in the README
+
+Needs the bench extra: pip install -e ".[bench]"
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = ["generation.py", "train_speed.py", "qlora.py"]
+
+if __name__ == "__main__":
+    here = Path(__file__).resolve().parent
+    for script in SCRIPTS:
+        print(f"\n## {script}", flush=True)
+        subprocess.run([sys.executable, str(here / script), *sys.argv[1:]], check=True)

@@ -25,7 +25,7 @@ from nanotune.cli import HelpFormatter, run
 from nanotune.checkpoint import load_state, save_state
 from nanotune.data import batch_order, classify_batch, lm_batch, lm_sequences, mix, pack, read_examples, split
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
-from nanotune.losses import causal_lm_loss_sum, classification_loss
+from nanotune.losses import causal_lm_loss_sum, classification_loss, output_layer_lm_loss_sum
 from nanotune.metrics import MetricsLog, accuracy_and_macro_f1
 from nanotune.models import TASKS, load_model, model_type
 from nanotune.optim import freeze, lr_at, make_optimizer
@@ -154,8 +154,13 @@ def make_batch(task, sequences, label_ids, indices, pad_id, device):
     return {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
 
 
-def loss_sum(model, batch, task, class_weights, label_smoothing):
-    """Summed loss over the batch and what it sums over (real tokens for LM, examples for classification)."""
+def loss_sum(model, batch, task, class_weights, label_smoothing, output_weight=None):
+    """Summed loss over the batch and what it sums over (real tokens for LM, examples for classification).
+    Given the output layer's weight, the LM loss applies it itself, a chunk of positions at a time, so
+    the (B, T, 50257) logits never exist whole."""
+    if task == "lm" and output_weight is not None:
+        hidden = model(batch["input_ids"], batch["attention_mask"], output_layer=False)
+        return output_layer_lm_loss_sum(hidden, output_weight, batch["labels"])
     logits = model(batch["input_ids"], batch["attention_mask"])
     if task == "lm":
         return causal_lm_loss_sum(logits, batch["labels"])
@@ -238,6 +243,8 @@ def main(args):
           f" {footprint_bytes(model) / 2**20:,.1f} MiB in memory (fp32: {total * 4 / 2**20:,.1f} MiB), on {device};"
           f" {args.epochs} epochs of {steps_per_epoch} steps" + (f" on each of {world} ranks" if world > 1 else ""))
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    # GPT-2's output layer, applied by the loss itself (not with FSDP, which keeps it sharded).
+    output_weight = model.lm_head.weight if task == "lm" and not args.fsdp else None
 
     progress = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
     if args.resume:
@@ -274,7 +281,7 @@ def main(args):
                 # DDP averages gradients over ranks in backward: skip that until the last micro-batch.
                 last = i == len(micro_batches) - 1
                 with contextlib.nullcontext() if last or world == 1 or args.fsdp else train_model.no_sync(), autocast():
-                    summed, _ = loss_sum(train_model, batch, task, class_weights, args.label_smoothing)
+                    summed, _ = loss_sum(train_model, batch, task, class_weights, args.label_smoothing, output_weight)
                 (summed * world / denominator).backward()      # x world: DDP divides by it when averaging
                 running_loss += summed.detach()
             running_count += denominator

@@ -29,8 +29,8 @@ def load_nanotune(folder, mode):
 
 
 def step_nanotune(model, optimizer, ids):
-    from nanotune.losses import causal_lm_loss_sum
-    total, count = causal_lm_loss_sum(model(ids), ids)
+    from nanotune.losses import output_layer_lm_loss_sum
+    total, count = output_layer_lm_loss_sum(model(ids, output_layer=False), model.lm_head.weight, ids)
     (total / count).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ def batches(n, batch, T, vocab, seed=0):
 
 def run_nanotune(folder, data, bf16, dropout=True):
     from nanotune import GPT2
-    from nanotune.losses import causal_lm_loss_sum
+    from nanotune.losses import output_layer_lm_loss_sum
     from nanotune.optim import make_optimizer
     model = GPT2.from_pretrained(folder).train()
     if not dropout:
@@ -40,7 +40,7 @@ def run_nanotune(folder, data, bf16, dropout=True):
     for ids in data:                       # the body of train.py's loop, minus the bookkeeping
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            total, count = causal_lm_loss_sum(model(ids), ids)
+            total, count = output_layer_lm_loss_sum(model(ids, output_layer=False), model.lm_head.weight, ids)
         (total / count).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -186,9 +186,12 @@ class GPT2(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """Logits (B, T, vocab_size): at each position, scores for the next token."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, output_layer=True):
+        """Logits (B, T, vocab_size): at each position, scores for the next token. With
+        output_layer=False, the hidden states (B, T, C) instead, for a loss that applies the
+        output layer itself (losses.output_layer_lm_loss_sum)."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        return self.lm_head(hidden) if output_layer else hidden
 
     # ---- Hub checkpoints -------------------------------------------------------------------
     # GPT-2 was written with "Conv1D" layers that store weights as (in, out), the transpose of

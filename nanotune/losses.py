@@ -2,6 +2,7 @@
 
 Labels use the Hugging Face convention: -100 marks a position that is not scored (padding).
 """
+import torch
 import torch.nn.functional as F
 
 IGNORE = -100
@@ -38,3 +39,47 @@ def classification_loss(logits, labels, class_weights=None, label_smoothing=0.0)
     probability from the true label to all labels evenly, which discourages over-confidence.
     """
     return F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
+
+
+class _OutputLayerCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross-entropy(hidden @ weight.T, labels), computed a chunk of rows at a
+    time, with the gradients worked out on the way (d loss / d logits = softmax - one-hot), so the
+    full (rows, vocab) logits and their gradient never exist at once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            logits = (h @ weight.t()).float()                            # (n, V)
+            logsumexp = logits.logsumexp(dim=-1)                         # (n,)
+            scored = (y != IGNORE)
+            y = y.clamp(min=0)
+            total += ((logsumexp - logits.gather(1, y[:, None]).squeeze(1)) * scored).sum()
+            grad = logits.sub_(logsumexp[:, None]).exp_()                # softmax, in place of the logits
+            grad[torch.arange(len(y), device=y.device), y] -= 1.0        # minus the one-hot target
+            grad.mul_(scored[:, None])                                   # ignored rows add nothing
+            grad = grad.to(h.dtype)
+            grad_hidden[start:start + chunk] = grad @ weight.to(h.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None
+
+
+def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
+    """`causal_lm_loss_sum(hidden @ weight.T, labels)` without ever holding all the logits.
+
+    GPT-2's output layer maps each position to 50,257 scores: for 8 x 128 tokens the logits, their
+    fp32 copy, the log-softmax and its gradient are ~200 MB each. Here they exist for `chunk`
+    positions at a time. Same numbers, same gradients (see tests/test_train.py)."""
+    labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)                 # (B, T): the token that came next
+    total = _OutputLayerCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk)
+    return total, (labels != IGNORE).sum()

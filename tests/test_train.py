@@ -16,7 +16,7 @@ import train
 from nanotune import GPT2, NanotuneError, load_tokenizer
 from nanotune.data import lm_batch
 from nanotune.hub import atomic_write
-from nanotune.losses import causal_lm_loss
+from nanotune.losses import causal_lm_loss, causal_lm_loss_sum, output_layer_lm_loss_sum
 
 
 def metrics(out):
@@ -35,6 +35,26 @@ def test_lm_loss_equals_transformers(tiny_gpt2):
         loss = causal_lm_loss(ours(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         expected = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert abs(loss.item() - expected.item()) < 1e-5
+
+
+def test_chunked_output_layer_loss_equals_the_plain_one_with_gradients(tiny_gpt2):
+    """train.py's LM loss applies the output layer a few positions at a time: same loss, same
+    gradients (the output layer is tied to the embeddings, so both paths reach that weight)."""
+    tok = load_tokenizer(tiny_gpt2)
+    batch = lm_batch([ids + [tok.eos_id] for ids in tok.encode_batch(["A penguin walked into a bar.", "Why?"])], tok.pad_id)
+    grads = []
+    for chunked in (False, True):
+        model = GPT2.from_pretrained(tiny_gpt2)
+        if chunked:
+            total, count = output_layer_lm_loss_sum(model(batch["input_ids"], batch["attention_mask"], output_layer=False),
+                                                    model.lm_head.weight, batch["labels"], chunk=5)
+        else:
+            total, count = causal_lm_loss_sum(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        (total / count).backward()
+        grads.append((total.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, g_plain), (chunked, g_chunked) = grads
+    assert abs(plain - chunked) < 1e-4 * abs(plain)
+    assert all((g_plain[n] - g_chunked[n]).abs().max() < 1e-5 for n in g_plain)
 
 
 def test_tiny_gpt2_overfits_a_few_lines(tmp_path, tiny_gpt2):

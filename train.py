@@ -296,6 +296,7 @@ def main(args):
                 loss_total, count_total = distributed.sum_across(running_loss.item(), running_count, device=device)
                 loss = loss_total / count_total
                 if not math.isfinite(loss):
+                    bar.close()
                     raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
                                         " Lower --lr, keep --max-grad-norm on, or check the data")
                 speed = tokens * world / (time.time() - t0)

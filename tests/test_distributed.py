@@ -1,4 +1,5 @@
-"""train.py under torchrun: 2 CPU ranks with Gloo, DDP and FSDP."""
+"""Ways of splitting one optimizer step that must not change it: torchrun ranks (DDP, FSDP, 2 CPU
+ranks with Gloo), gradient accumulation, gradient checkpointing."""
 import os
 import subprocess
 import sys
@@ -61,3 +62,16 @@ def test_fsdp_two_ranks_train_and_save_a_loadable_model(tmp_path, tiny_gpt2):
     assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, start.transformer.h[0].mlp.c_fc.weight)
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.isfinite(model(ids)).all()
+
+
+@pytest.mark.parametrize("variant", [["--batch-size", 4, "--grad-accum", 2], ["--batch-size", 8, "--grad-checkpointing"]])
+def test_accumulation_and_checkpointing_change_nothing(tmp_path, no_dropout_gpt2, eight_lines, variant):
+    """One step of 2 micro-batches of 4 (loss averaged over the real tokens of both), or with
+    activations recomputed in backward, gives the weights of one plain batch of 8."""
+    common = ["--model", no_dropout_gpt2, "--data", eight_lines, "--val-split", 0, "--epochs", 1, "--lr", 1e-2]
+    plain = run_cli("train.py", *common, "--batch-size", 8, "--out", tmp_path / "plain")
+    other = run_cli("train.py", *common, *variant, "--out", tmp_path / "other")
+    assert plain.returncode == 0 and other.returncode == 0, other.stderr
+    a, b = GPT2.from_pretrained(tmp_path / "plain"), GPT2.from_pretrained(tmp_path / "other")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p - q).abs().max() <= 1e-5, name

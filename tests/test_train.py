@@ -195,3 +195,10 @@ def test_existing_output_is_never_overwritten(tmp_path, tiny_gpt2):
     empty.write_text("")
     assert_user_error(run_cli("train.py", "--model", tiny_gpt2, "--data", empty, "--out", out, "--resume"), "is empty")
     assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == digest
+
+
+def test_diverging_loss_stops_the_run_before_saving(tmp_path, tiny_gpt2):
+    r = run_cli("train.py", "--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--lr", "1e30", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "Traceback" not in r.stderr       # stderr also holds the progress bar so far
+    assert re.search(r"^error: the loss became (nan|inf) at step \d+.*Lower --lr", r.stderr.strip().splitlines()[-1])
+    assert not (tmp_path / "o" / "model.safetensors").exists()

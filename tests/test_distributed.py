@@ -75,3 +75,11 @@ def test_accumulation_and_checkpointing_change_nothing(tmp_path, no_dropout_gpt2
     a, b = GPT2.from_pretrained(tmp_path / "plain"), GPT2.from_pretrained(tmp_path / "other")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert (p - q).abs().max() <= 1e-5, name
+
+
+def test_lora_classifier_under_two_ranks(tmp_path, tiny_bert):
+    """DDP with LoRA: only the adapters and the head have gradients to average."""
+    r = torchrun("--model", tiny_bert, "--data", "sentiment_train.csv", "--val-data", "sentiment_val.csv", "--lora-r", 4,
+                 "--epochs", 1, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "validation accuracy" in r.stdout and (tmp_path / "out/adapter_model.safetensors").is_file()

@@ -4,7 +4,6 @@ Module names equal the Hugging Face checkpoint keys (`transformer.h.0.attn.c_att
 so loading is nearly a straight copy. The differences are listed in one place, `hub_to_name`
 and `CONV1D` below. Shapes: B batch, T time, C channels (n_embd), nh heads, hs head size.
 """
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -117,7 +116,6 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0        # positions filled; the model advances it after each forward
-        self.max_len = max_len
 
     def update(self, layer, k, v):
         end = self.length + k.shape[2]
@@ -232,15 +230,3 @@ class GPT2(nn.Module):
         config = hub.config_to_dict(self.config) | {"architectures": ["GPT2LMHeadModel"],
                                                     "dtype": str(self.transformer.wte.weight.dtype).removeprefix("torch.")}
         hub.save_model(folder, config, tensors)
-
-    def init_weights(self):
-        """GPT-2's initialisation, for training from scratch (tests, benchmarks)."""
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln_" in name:
-                nn.init.ones_(p)
-            else:   # residual projections scaled down by depth, as in the GPT-2 paper
-                std = self.config.initializer_range
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else std)
-        return self

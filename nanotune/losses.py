@@ -8,17 +8,22 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def next_token_labels(labels):
+    """Position t predicts token t+1: the labels move one place left, and the last position, which
+    has no next token, gets -100. (Shifting the labels, not the logits, avoids copying the large
+    (B, T, V) logits tensor.)"""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
 def causal_lm_loss_sum(logits, labels):
     """Summed next-token cross-entropy, and the number of tokens it sums over.
 
-    Position t predicts token t+1, so the labels move one place left and the last position, which
-    has no next token, gets -100. (Shifting the labels, not the logits, avoids copying the large
-    (B, T, V) logits tensor.) Padding (label -100) is not scored. The caller divides by the number of real tokens in
-    the whole optimizer step: with gradient accumulation, averaging each micro-batch (MEAN) and
+    Padding (label -100) is not scored. The caller divides by the number of real tokens in the
+    whole optimizer step: with gradient accumulation, averaging each micro-batch (MEAN) and
     then averaging those would weight a token in a short micro-batch more than one in a long one;
     summing (SUM) and dividing once weights every token the same.
     """
-    labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)     # (B, T): the token that came next
+    labels = next_token_labels(labels)                       # (B, T): the token that came next
     # cross-entropy = logsumexp over the vocabulary minus the logit of the true token, in fp32
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
@@ -80,6 +85,6 @@ def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
     GPT-2's output layer maps each position to 50,257 scores: for 8 x 128 tokens the logits, their
     fp32 copy, the log-softmax and its gradient are ~200 MB each. Here they exist for `chunk`
     positions at a time. Same numbers, same gradients (see tests/test_train.py)."""
-    labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)                 # (B, T): the token that came next
+    labels = next_token_labels(labels)                                   # (B, T): the token that came next
     total = _OutputLayerCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk)
     return total, (labels != IGNORE).sum()

@@ -59,10 +59,6 @@ def quantized_linear(linear: nn.Linear, q: QuantConfig):
     return layer.to(linear.weight.device)    # bitsandbytes quantizes the weight as it moves to its device
 
 
-def is_quantized(module) -> bool:
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
-
-
 def dequantized_weight(linear) -> torch.Tensor:
     """The (out, in) weight of a plain or quantized linear layer, in full precision."""
     weight = linear.weight

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ["generation.py", "train_speed.py", "qlora.py"]
+SCRIPTS = ["generation.py", "train_speed.py", "qlora.py", "scaling.py", "seeds_recipe.py"]
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent

@@ -24,11 +24,12 @@ def batches(n, batch, T, vocab, seed=0):
     return [torch.randint(0, vocab, (batch, T), generator=g) for _ in range(n)]
 
 
-def run_nanotune(folder, data, bf16, dropout=True):
+def run_nanotune(folder, data, bf16, dropout=True, checkpointing=False):
     from nanotune import GPT2
     from nanotune.losses import output_layer_lm_loss_sum
     from nanotune.optim import make_optimizer
     model = GPT2.from_pretrained(folder).train()
+    model.gradient_checkpointing = checkpointing
     if not dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -50,10 +51,12 @@ def run_nanotune(folder, data, bf16, dropout=True):
     return losses, times
 
 
-def run_plain_loop(folder, data, bf16, dropout=True):
+def run_plain_loop(folder, data, bf16, dropout=True, checkpointing=False):
     from transformers import GPT2LMHeadModel
     kw = {} if dropout else dict(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
     model = GPT2LMHeadModel.from_pretrained(folder, **kw).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
     losses, times = [], []
     for ids in data:

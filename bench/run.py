@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other (never two at once: they would slow each other down).
 
-    python bench/run.py --quick     # tiny model: a few minutes
+    python bench/run.py --quick     # tiny model: about ten minutes
     python bench/run.py             # GPT-2 124M architecture: the figures in the README
 
 Needs the bench extra: pip install -e ".[bench]"

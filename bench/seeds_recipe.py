@@ -14,7 +14,6 @@ The Hub is not reachable from every machine, so the weights are random and the t
 byte-level BPE (GPT-2's kind) trained on the data: a line is ~20 tokens, as with GPT-2's own.
 """
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -67,7 +66,6 @@ def run_seeds_recipe(folder, out, epochs):
 def validation_loss(out):
     """train.py's evaluate() over the held-out lines, on the model saved in `out`."""
     from nanotune import GPT2, load_tokenizer
-    sys.path.insert(0, str(ROOT))
     from train import evaluate, tokenize
     model, tokenizer = GPT2.from_pretrained(out), load_tokenizer(out)
     _, val = train_examples()

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hub
+from .dropout import Dropout
 from .errors import NanotuneError
 from .quantize import quantize_while_loading
 
@@ -62,7 +63,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)   # sentence A / B
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids=None):
         T = input_ids.shape[1]
@@ -100,7 +101,7 @@ class BertOutput(nn.Module):
     def __init__(self, d_in, cfg: BertConfig):
         super().__init__()
         self.dense = nn.Linear(d_in, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x, residual):
@@ -177,7 +178,7 @@ class BertClassifier(nn.Module):
         self.config = config
         self.num_labels = num_labels
         self.bert = Bert(config)
-        self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
+        self.dropout = Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):

@@ -4,6 +4,7 @@ Module names equal the Hugging Face checkpoint keys (`transformer.h.0.attn.c_att
 so loading is nearly a straight copy. The differences are listed in one place, `hub_to_name`
 and `CONV1D` below. Shapes: B batch, T time, C channels (n_embd), nh heads, hs head size.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import hub
+from .dropout import Dropout, DropoutThenMatmul
 from .errors import NanotuneError
 from .quantize import quantize_while_loading
 
@@ -59,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)   # query, key, value of all heads in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.attn_pdrop = cfg.attn_pdrop
-        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+        self.resid_dropout = Dropout(cfg.resid_pdrop)
 
     def forward(self, x, mask, is_causal, cache=None, layer=0):
         B, T, C = x.shape
@@ -69,12 +71,18 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)                              # (B, nh, past + T, hs)
-        # The same as the plain math, in one fused kernel:
-        #   att = (q @ k.transpose(-2, -1)) / sqrt(hs)          # (B, nh, T, past + T)
-        #   att = att.masked_fill(~mask, -inf).softmax(dim=-1)  # a position sees only itself and the past
-        #   y = dropout(att) @ v                                 # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        if self.training and self.attn_pdrop > 0 and x.device.type == "cpu":
+            # The plain math. (SDPA's fused CPU kernels cannot drop attention weights, and its
+            # fallback keeps two float copies of the (B, nh, T, T) weights for backward.)
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # causal: the past and itself
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))      # (B, nh, T, T)
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = DropoutThenMatmul.apply(att, v.contiguous(), self.attn_pdrop)     # (B, nh, T, hs)
+        else:
+            # The same in one fused kernel (no dropout at inference, or dropout fused on GPUs).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -86,7 +94,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, inner)
         self.act = ACTIVATIONS[cfg.activation_function]
         self.c_proj = nn.Linear(inner, cfg.n_embd)
-        self.dropout = nn.Dropout(cfg.resid_pdrop)
+        self.dropout = Dropout(cfg.resid_pdrop)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -146,7 +154,7 @@ class GPT2(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),    # token embeddings
             wpe=nn.Embedding(config.n_positions, config.n_embd),   # position embeddings
-            drop=nn.Dropout(config.embd_pdrop),
+            drop=Dropout(config.embd_pdrop),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))

@@ -16,6 +16,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import hub
+from .dropout import Dropout
 from .errors import NanotuneError
 from .quantize import dequantized_weight
 
@@ -42,7 +43,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # as nn.Linear and PEFT do
         nn.init.zeros_(self.lora_B.weight)                              # B = 0: starts as a no-op
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = Dropout(dropout)
         self.scaling = alpha / r
 
     def forward(self, x):

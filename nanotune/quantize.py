@@ -8,12 +8,15 @@ most one layer exists at once.
 """
 import ctypes
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .errors import NanotuneError
+
+BLOCK = 64     # 4-bit: weights per block, each block with its own scale (bitsandbytes' default)
 
 
 @dataclass
@@ -50,13 +53,40 @@ def quantized_linear(linear: nn.Linear, q: QuantConfig):
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=q.compute_dtype,
                                   compress_statistics=q.double_quant, quant_type=q.quant_type, device="meta")
-        layer.weight = bnb.nn.Params4bit(linear.weight.data.contiguous(), requires_grad=False,
-                                         compress_statistics=q.double_quant, quant_type=q.quant_type)
+        packed, state = quantize_4bit_by_rows(linear.weight.data, q)
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK, bnb_quantized=True,
+                                         compress_statistics=q.double_quant, quant_type=q.quant_type, module=layer)
         fits_kernel = linear.in_features % 64 == 0 and linear.out_features % 32 == 0   # its block layout
         layer.support_avx512bf16_for_cpu = layer.support_avx512bf16_for_cpu and q.cpu_inference_kernel and fits_kernel
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-    return layer.to(linear.weight.device)    # bitsandbytes quantizes the weight as it moves to its device
+    return layer.to(linear.weight.device)    # 8-bit: bitsandbytes quantizes the weight as it moves to its device
+
+
+def quantize_4bit_by_rows(weight, q: QuantConfig, chunk_weights=2**16):
+    """`bitsandbytes.functional.quantize_4bit(weight)`, some 65,000 weights at a time.
+
+    bitsandbytes quantizes a whole matrix at once and makes several full-size float temporaries
+    on the way (about 60 MB for GPT-2's largest layer), most of the peak memory of a 4-bit
+    load. Each block of 64 consecutive weights is quantized on its own (one scale, its absmax),
+    so row chunks whole blocks long give the same bytes. Double quantization then quantizes all
+    the scales together, minus their mean, to 8 bits in blocks of 256, exactly as bitsandbytes
+    does (tests/test_lora.py compares the two byte for byte)."""
+    functional = _bitsandbytes().functional
+    rows_per_block = BLOCK // math.gcd(weight.shape[1], BLOCK)         # rows that end on a block boundary
+    rows = rows_per_block * max(1, chunk_weights // (weight.shape[1] * rows_per_block))
+    packed, scales = [], []
+    for start in range(0, weight.shape[0], rows):
+        part, state = functional.quantize_4bit(weight[start:start + rows].contiguous(), blocksize=BLOCK, quant_type=q.quant_type)
+        packed.append(part)
+        scales.append(state.absmax)
+    packed, scales = torch.cat(packed), torch.cat(scales)
+    common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=BLOCK, code=state.code, quant_type=q.quant_type)
+    if not q.double_quant:
+        return packed, functional.QuantState(absmax=scales, **common)
+    offset = scales.mean()
+    scales, scales_state = functional.quantize_blockwise(scales - offset, blocksize=256)
+    return packed, functional.QuantState(absmax=scales, offset=offset, state2=scales_state, **common)
 
 
 def dequantized_weight(linear) -> torch.Tensor:

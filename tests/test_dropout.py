@@ -45,10 +45,12 @@ def dropped_attention(fused, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_then_matmul_equals_plain_autograd(dtype):
-    """It keeps the probabilities and the mask instead of the dropped copy: same values, same gradients."""
+    """It keeps the probabilities and the mask instead of the dropped copy: same values, same
+    gradients (in bf16, up to the rounding of a different order of operations: 8 bits of mantissa)."""
+    tolerance = 0 if dtype == torch.float32 else 1e-2
     for ours, plain in zip(dropped_attention(True, dtype), dropped_attention(False, dtype)):
         assert ours.dtype == plain.dtype
-        torch.testing.assert_close(ours, plain, rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
+        torch.testing.assert_close(ours, plain, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("padded", [False, True])

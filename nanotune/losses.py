@@ -79,7 +79,7 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None
 
 
-def output_layer_lm_loss_sum(hidden, weight, labels, chunk=128):
+def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
     """`causal_lm_loss_sum(hidden @ weight.T, labels)` without ever holding all the logits.
 
     GPT-2's output layer maps each position to 50,257 scores: for 8 x 128 tokens the logits, their

@@ -68,7 +68,9 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
             grad.mul_(scored[:, None])                                   # ignored rows add nothing
             grad = grad.to(h.dtype)
             grad_hidden[start:start + chunk] = grad @ weight.to(h.dtype)
-            if grad_weight is not None:
+            if grad_weight is not None and h.dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad.t(), h)                          # in place: no (V, C) temporary
+            elif grad_weight is not None:
                 grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total

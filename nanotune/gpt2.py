@@ -215,7 +215,9 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_hub(cls, name, tensor):
-        return tensor.t() if name.endswith(cls.CONV1D) else tensor
+        # A contiguous copy, not a transposed view: fused AdamW would otherwise copy each of these
+        # weights, its gradient and its moments to contiguous memory and back at every step.
+        return tensor.t().contiguous() if name.endswith(cls.CONV1D) else tensor
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):

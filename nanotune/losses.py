@@ -49,36 +49,47 @@ def classification_loss(logits, labels, class_weights=None, label_smoothing=0.0)
 class _OutputLayerCrossEntropy(torch.autograd.Function):
     """sum over rows of cross-entropy(hidden @ weight.T, labels), computed a chunk of rows at a
     time, with the gradients worked out on the way (d loss / d logits = softmax - one-hot), so the
-    full (rows, vocab) logits and their gradient never exist at once."""
+    full (rows, vocab) logits and their gradient never exist at once. The matrix products run in
+    `dtype` (bf16 under autocast), softmax and the sum in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk):
+    def forward(ctx, hidden, weight, labels, chunk, dtype):
+        # Cast once here, not once per chunk and product as autocast would (the weight is 50,257 x C).
+        hidden_lp, weight_lp = hidden.to(dtype), weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_hidden = torch.empty_like(hidden_lp)
+        grad_weight = None
         for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], labels[start:start + chunk]
-            logits = (h @ weight.t()).float()                            # (n, V)
-            logsumexp = logits.logsumexp(dim=-1)                         # (n,)
+            h, y = hidden_lp[start:start + chunk], labels[start:start + chunk]
+            logits = (h @ weight_lp.t()).float()                         # (n, V)
             scored = (y != IGNORE)
             y = y.clamp(min=0)
-            total += ((logsumexp - logits.gather(1, y[:, None]).squeeze(1)) * scored).sum()
-            grad = logits.sub_(logsumexp[:, None]).exp_()                # softmax, in place of the logits
+            target = logits.gather(1, y[:, None])                        # (n, 1): logit of the true token
+            top = logits.amax(dim=-1, keepdim=True)                      # (n, 1): so that exp cannot overflow
+            grad = logits.sub_(top).exp_()                               # in place of the logits
+            norm = grad.sum(dim=-1, keepdim=True)                        # (n, 1)
+            # cross-entropy = logsumexp(logits) - logit of the true token
+            total += ((top + norm.log() - target).squeeze(1) * scored).sum()
+            grad.div_(norm)                                              # softmax
             grad[torch.arange(len(y), device=y.device), y] -= 1.0        # minus the one-hot target
-            grad.mul_(scored[:, None])                                   # ignored rows add nothing
-            grad = grad.to(h.dtype)
-            grad_hidden[start:start + chunk] = grad @ weight.to(h.dtype)
-            if grad_weight is not None and h.dtype == grad_weight.dtype:
+            grad = grad.mul_(scored[:, None]).to(dtype)                  # ignored rows add nothing
+            grad_hidden[start:start + chunk] = grad @ weight_lp
+            if not weight.requires_grad:
+                continue
+            if grad_weight is None:
+                grad_weight = (grad.t() @ h).to(weight.dtype)            # (V, C)
+            elif dtype == weight.dtype:
                 grad_weight.addmm_(grad.t(), h)                          # in place: no (V, C) temporary
-            elif grad_weight is not None:
-                grad_weight += (grad.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
+            else:   # a slice at a time: no (V, C) fp32 temporary for the cast
+                for acc, part in zip(grad_weight.split(4096), (grad.t() @ h).split(4096)):
+                    acc += part
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None
+        return grad_hidden * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None, None
 
 
 def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
@@ -88,5 +99,7 @@ def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
     fp32 copy, the log-softmax and its gradient are ~200 MB each. Here they exist for `chunk`
     positions at a time. Same numbers, same gradients (see tests/test_train.py)."""
     labels = next_token_labels(labels)                                   # (B, T): the token that came next
-    total = _OutputLayerCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    total = _OutputLayerCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, dtype)
     return total, (labels != IGNORE).sum()

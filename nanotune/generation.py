@@ -4,10 +4,51 @@ Each step feeds only the newest token through the model; the keys and values of 
 positions come from the cache, so a step costs one position, not the whole sequence again.
 Several prompts run as one batch, padded on the left so that they all end at the same position.
 """
+from contextlib import contextmanager
+
 import torch
+import torch.nn as nn
 
 from .gpt2 import KVCache
 from .tokenizer import pad
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear for decoding on CPU, with its weight packed once into the layout MKL's matrix
+    product works in. A plain fp32 product re-arranges the weight at every call, and when a decoding
+    step multiplies it by a few rows only, that dominates: the 124M model's output layer takes 29 ms
+    at 8 rows with F.linear and 10 ms packed. Packing the whole model takes about half a second and
+    doubles the memory its weights take while generating, so it is only done for batches of more than
+    one sequence (at one row packing saves ~1 ms a token). Inputs with another number of rows (the
+    prompt) use the plain weight."""
+
+    def __init__(self, linear, rows):
+        super().__init__()
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
+
+    def forward(self, x):
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+
+
+@contextmanager
+def packed_linears(model, rows):
+    """Swap the model's fp32 nn.Linear layers for PackedLinear ones while decoding `rows` > 1
+    sequences on a CPU with MKL, and put the originals back afterwards. Elsewhere (GPUs, bf16,
+    quantized layers, which are nn.Linear subclasses) nothing changes."""
+    swapped = []
+    if rows > 1 and torch.backends.mkl.is_available():
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
+                    swapped.append((parent, name, child))
+    for parent, name, child in swapped:
+        setattr(parent, name, PackedLinear(child, rows))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 def repetition_penalty_(logits, seen, penalty):
@@ -69,31 +110,33 @@ def generate(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.
     new = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # The prompt in one forward pass fills the cache; only the last position's logits are needed.
-    hidden = model.hidden_states(input_ids, attention_mask if padded else None, position_ids, cache)
-    logits = model.lm_head(hidden[:, -1]).float()                                            # (B, V)
-    for step in range(max_new_tokens):
-        if repetition_penalty != 1.0:
-            logits = repetition_penalty_(logits, seen, repetition_penalty)
-        token = next_tokens(logits, temperature, top_k, top_p, generator)                     # (B,)
-        token = token.masked_fill(done, pad_id)                            # finished rows idle on padding
-        finished_now = done.clone()
-        for i, t in enumerate(token.tolist()):
-            if done[i]:
-                continue
-            if t == eos_id:
-                finished_now[i] = True
-                continue
-            new[i].append(t)
-            if on_token is not None and on_token(i, new[i]):
-                finished_now[i] = True
-        done = finished_now
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        seen[torch.arange(B, device=device), token] = True
-        position_ids = position_ids[:, -1:] + 1                                                # (B, 1)
-        if padded:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        hidden = model.hidden_states(token[:, None], attention_mask if padded else None, position_ids, cache)
-        logits = model.lm_head(hidden[:, -1]).float()
+    with packed_linears(model, B):
+        # The prompt in one forward pass fills the cache; only the last position's logits are needed.
+        hidden = model.hidden_states(input_ids, attention_mask if padded else None, position_ids, cache)
+        logits = model.lm_head(hidden[:, -1]).float()                                            # (B, V)
+        for step in range(max_new_tokens):
+            if repetition_penalty != 1.0:
+                logits = repetition_penalty_(logits, seen, repetition_penalty)
+            token = next_tokens(logits, temperature, top_k, top_p, generator)                     # (B,)
+            token = token.masked_fill(done, pad_id)                            # finished rows idle on padding
+            finished = done.tolist()
+            for i, t in enumerate(token.tolist()):
+                if finished[i]:
+                    continue
+                if t == eos_id:
+                    finished[i] = True
+                    continue
+                new[i].append(t)
+                if on_token is not None and on_token(i, new[i]):
+                    finished[i] = True
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            done = torch.tensor(finished, device=device)
+            if repetition_penalty != 1.0:
+                seen[torch.arange(B, device=device), token] = True
+            position_ids = position_ids[:, -1:] + 1                                                # (B, 1)
+            if padded:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            hidden = model.hidden_states(token[:, None], attention_mask if padded else None, position_ids, cache)
+            logits = model.lm_head(hidden[:, -1]).float()
     return new

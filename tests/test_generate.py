@@ -5,7 +5,7 @@ import torch
 from conftest import run_cli
 
 from nanotune import GPT2, load_tokenizer
-from nanotune.generation import generate, repetition_penalty_, top_k_filter, top_p_filter
+from nanotune.generation import PackedLinear, generate, packed_linears, repetition_penalty_, top_k_filter, top_p_filter
 from nanotune.gpt2 import KVCache
 
 PROMPTS = ["My grandmother keeps a spare key", "Why", "The weather forecast said there was a thirty percent chance"]
@@ -27,6 +27,25 @@ def reference_greedy(ref, tok, prompts, n):
     for row in out[:, enc["input_ids"].shape[1]:].tolist():
         results.append(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
     return results
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="packing needs MKL")
+def test_packed_linears_compute_what_the_plain_ones_do_and_are_put_back(tiny_gpt2):
+    model = GPT2.from_pretrained(tiny_gpt2)
+    layers = [model.transformer.h[0].mlp.c_fc, model.lm_head]
+    steps = [torch.randn(3, 1, layer.in_features) for layer in layers]     # a decoding step: 3 rows
+    prompts = [torch.randn(3, 7, layer.in_features) for layer in layers]   # another row count
+    plain = [(layer(s), layer(p)) for layer, s, p in zip(layers, steps, prompts)]
+    with torch.inference_mode(), packed_linears(model, 3):
+        assert type(model.transformer.h[0].mlp.c_fc) is PackedLinear and type(model.lm_head) is PackedLinear
+        packed = [(model.transformer.h[0].mlp.c_fc(steps[0]), model.transformer.h[0].mlp.c_fc(prompts[0])),
+                  (model.lm_head(steps[1]), model.lm_head(prompts[1]))]
+    for (a, b), (c, d) in zip(plain, packed):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-5)
+    assert model.transformer.h[0].mlp.c_fc is layers[0] and model.lm_head is layers[1]
+    with packed_linears(model, 1):                                      # one row: not worth packing
+        assert model.lm_head is layers[1]
 
 
 def test_greedy_equals_transformers_alone_and_batched(models):

@@ -5,7 +5,8 @@ import torch
 from conftest import run_cli
 
 from nanotune import GPT2, load_tokenizer
-from nanotune.generation import PackedLinear, generate, packed_linears, repetition_penalty_, top_k_filter, top_p_filter
+from nanotune.generation import (PackedLinear, generate, packed_linears, repetition_penalty_, sample, top_k_filter,
+                                 top_p_filter)
 from nanotune.gpt2 import KVCache
 
 PROMPTS = ["My grandmother keeps a spare key", "Why", "The weather forecast said there was a thirty percent chance"]
@@ -77,6 +78,14 @@ def test_sampling_is_reproducible_with_a_seed(models):
                                    generator=torch.Generator().manual_seed(seed))
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0]).repeat(40_000, 1)
+    tokens = sample(probs, torch.Generator().manual_seed(0))
+    share = torch.bincount(tokens, minlength=5) / len(tokens)
+    assert share[1] == 0 and share[4] == 0                   # impossible tokens never come
+    torch.testing.assert_close(share, probs[0], atol=0.01, rtol=0)
 
 
 def test_top_k_keeps_exactly_k():

@@ -77,7 +77,9 @@ class CausalSelfAttention(nn.Module):
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # causal: the past and itself
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))      # (B, nh, T, T)
-            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            # softmax in the scores' own dtype: autocast would make float32 probabilities, only to
+            # cast them back to bf16 for the product with v (it accumulates in float32 either way)
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=att.dtype)
             y = DropoutThenMatmul.apply(att, v.contiguous(), self.attn_pdrop)     # (B, nh, T, hs)
         else:
             # The same in one fused kernel (no dropout at inference, or dropout fused on GPUs).

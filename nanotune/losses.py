@@ -89,7 +89,11 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None, None
+        # Scaled in place: no second (V, C) tensor. (Autograd counts versions, so a second backward
+        # through this graph would raise instead of reusing the scaled values.)
+        if grad_weight is not None:
+            grad_weight.mul_(grad_total)
+        return grad_hidden.mul_(grad_total), grad_weight, None, None, None
 
 
 def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):

@@ -5,8 +5,8 @@ import torch
 from conftest import run_cli
 
 from nanotune import GPT2, load_tokenizer
-from nanotune.generation import (PackedLinear, generate, packed_linears, repetition_penalty_, sample, top_k_filter,
-                                 top_p_filter)
+from nanotune.generation import (PackedLinear, generate, packed_linears, packs, repetition_penalty_, sample,
+                                 top_k_filter, top_p_filter)
 from nanotune.gpt2 import KVCache
 
 PROMPTS = ["My grandmother keeps a spare key", "Why", "The weather forecast said there was a thirty percent chance"]
@@ -30,23 +30,27 @@ def reference_greedy(ref, tok, prompts, n):
     return results
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="packing needs MKL")
-def test_packed_linears_compute_what_the_plain_ones_do_and_are_put_back(tiny_gpt2):
-    model = GPT2.from_pretrained(tiny_gpt2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_compute_what_the_plain_ones_do_and_are_put_back(tiny_gpt2, dtype):
+    model = GPT2.from_pretrained(tiny_gpt2, dtype=dtype)
     layers = [model.transformer.h[0].mlp.c_fc, model.lm_head]
-    steps = [torch.randn(3, 1, layer.in_features) for layer in layers]     # a decoding step: 3 rows
-    prompts = [torch.randn(3, 7, layer.in_features) for layer in layers]   # another row count
+    if not packs(layers[0], 3):
+        pytest.skip(f"this CPU's PyTorch cannot pack {dtype} weights")
+    steps = [torch.randn(3, 1, layer.in_features, dtype=dtype) for layer in layers]     # a decoding step: 3 rows
+    prompts = [torch.randn(3, 7, layer.in_features, dtype=dtype) for layer in layers]   # another row count
     plain = [(layer(s), layer(p)) for layer, s, p in zip(layers, steps, prompts)]
     with torch.inference_mode(), packed_linears(model, 3):
         assert type(model.transformer.h[0].mlp.c_fc) is PackedLinear and type(model.lm_head) is PackedLinear
         packed = [(model.transformer.h[0].mlp.c_fc(steps[0]), model.transformer.h[0].mlp.c_fc(prompts[0])),
                   (model.lm_head(steps[1]), model.lm_head(prompts[1]))]
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2            # bf16 keeps 8 bits of mantissa
     for (a, b), (c, d) in zip(plain, packed):
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, a, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(d, b, rtol=tolerance, atol=tolerance)
     assert model.transformer.h[0].mlp.c_fc is layers[0] and model.lm_head is layers[1]
-    with packed_linears(model, 1):                                      # one row: not worth packing
-        assert model.lm_head is layers[1]
+    with packed_linears(model, 1):
+        # fp32 is not worth packing for one row; bf16 is (its packed weight serves every row count)
+        assert (type(model.lm_head) is PackedLinear) == (dtype == torch.bfloat16)
 
 
 def test_greedy_equals_transformers_alone_and_batched(models):

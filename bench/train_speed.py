@@ -5,7 +5,8 @@
 Same checkpoint (GPT-2 124M architecture), same batches (8 x 128 tokens), fp32 and bf16 autocast.
 Each configuration runs in its own process, one after the other in this script, so that its peak
 resident memory is its own. Also: losses step for step against the plain loop with dropout off, and
-the achieved FLOP/s as a share of this machine's measured matmul peak, with
+the achieved FLOP/s as a share of this machine's measured matmul peak, and the tokens/s of a step
+that did nothing but its matrix products (the most any loop could reach with these kernels), with
     model FLOPs per step = 6 x parameters x tokens + 12 x layers x d_model x T x tokens
 (forward + backward of every weight, plus the attention score and value products).
 """
@@ -16,7 +17,7 @@ import sys
 import time
 
 import torch
-from common import checkpoint, peak_rss_mib, report
+from common import checkpoint, peak_rss_mib, report, timed
 
 
 def batches(n, batch, T, vocab, seed=0):
@@ -103,6 +104,27 @@ def matmul_peak(dtype):
     return 2 * 2048 ** 3 * n / (time.perf_counter() - start)
 
 
+def matmul_floor(config, batch, T, dtype, repeat=3):
+    """Seconds a training step spends in its matrix products alone, each run once at the step's
+    shapes in `dtype` (forward, input gradient and weight gradient of every linear layer and of the
+    output layer; the four attention products). No loop that uses these kernels can be faster."""
+    C, H, V, N = config["n_embd"], config["n_head"], config["vocab_size"], batch * T
+    new = lambda *shape: torch.randn(*shape, dtype=dtype)
+    linears = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * config["n_layer"] + [(C, V)]
+    tensors = [(new(N, i), new(o, i), new(N, o)) for i, o in linears]                   # input, weight, gradient
+    q, k, v = (new(batch * H, T, C // H) for _ in range(3))
+    probs = new(batch * H, T, T)
+
+    def step():
+        for x, w, g in tensors:
+            torch.nn.functional.linear(x, w), g @ w, g.t() @ x
+        for _ in range(config["n_layer"]):
+            q @ k.transpose(1, 2), probs @ v                                             # forward
+            probs @ k, probs.transpose(1, 2) @ q, probs @ v, probs.transpose(1, 2) @ v   # backward
+    step()
+    return timed(step, repeat)
+
+
 def worker(impl, size, bf16, steps, batch, T):
     folder = checkpoint(size)
     config = json.loads((folder / "config.json").read_text())
@@ -141,6 +163,11 @@ def main():
             ratio = r["tokens_per_s"] / results["Trainer", bf16]["tokens_per_s"]
             rows.append(["bf16" if bf16 else "fp32", impl, r["tokens_per_s"], r["peak_rss_mib"], f"{mfu:.0%}", f"{ratio:.2f}x"])
             print(rows[-1], flush=True)
+        # The ceiling: a step that did nothing but its matrix products, measured right after the runs.
+        floor = batch * T / matmul_floor(config, batch, T, torch.bfloat16 if bf16 else torch.float32)
+        ratio = floor / results["Trainer", bf16]["tokens_per_s"]
+        rows.append(["bf16" if bf16 else "fp32", "matrix products alone", floor, "", "", f"{ratio:.2f}x"])
+        print(rows[-1], flush=True)
     # Step-for-step losses with dropout off (dropout draws random numbers in a different order).
     folder_data = batches(5, batch, T, config["vocab_size"], seed=1)
     ours, _ = run_nanotune(folder, folder_data, False, dropout=False)

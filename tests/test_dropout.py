@@ -2,9 +2,11 @@
 training path gives what SDPA gives."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanotune import GPT2
 from nanotune.dropout import DropoutThenMatmul, dropout, keep_mask
+from nanotune.gpt2 import attention_mask_for, causal_attention_with_dropout
 
 
 def test_rate_scale_and_gradient():
@@ -77,3 +79,24 @@ def test_gpt2_training_attention_equals_sdpa(tiny_gpt2, padded):
     real = mask.bool()
     torch.testing.assert_close(ours[real], sdpa[real], rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_grad, sdpa_grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_in_blocks_of_queries_equals_sdpa(padded):
+    """Blocks of queries that skip the keys after them give SDPA's result and gradients (dropout
+    rounded to nothing), with a last block shorter than the others, with and without padding."""
+    q, k, v = (torch.randn(2, 3, 11, 4, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3))
+    padding = torch.ones(2, 11, dtype=torch.long)
+    if padded:
+        padding[0, :4] = 0
+    mask = attention_mask_for(padding if padded else None, 11, 0, "cpu")          # (B or 1, 1, T, T)
+    grad_y = torch.randn(2, 3, 11, 4)
+    results = []
+    for attend in (lambda: causal_attention_with_dropout(q, k, v, mask, 1e-6, block=4),
+                   lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)):
+        y = attend()
+        q.grad = k.grad = v.grad = None
+        y.backward(grad_y)
+        results.append([y, q.grad, k.grad, v.grad])
+    for ours, sdpa in zip(*results):
+        torch.testing.assert_close(ours, sdpa, rtol=0, atol=1e-5)

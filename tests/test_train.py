@@ -95,8 +95,12 @@ def common_args(model, out, *extra):
     return ["--model", model, "--data", "anecdotes_jokes.txt", "--epochs", 2, "--lr", 1e-3, "--out", out, *extra]
 
 
-def test_resume_after_an_epoch_gives_the_same_weights(tmp_path, tiny_gpt2):
+def test_resume_after_an_epoch_gives_the_same_weights(tmp_path, tiny_gpt2, monkeypatch):
     """Dropout is on, the data is shuffled: an exact resume must restore RNG state and data order."""
+    # MKL's matrix products may take a different path for differently aligned memory (the resumed
+    # process allocates its tensors elsewhere); a last-bit difference that AdamW then amplifies
+    # failed this comparison once in about ten runs here. Its reproducible mode always takes one path.
+    monkeypatch.setenv("MKL_CBWR", "AUTO")
     full = run_cli("train.py", *common_args(tiny_gpt2, tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     first = run_cli("train.py", *common_args(tiny_gpt2, tmp_path / "split", "--stop-after-epochs", 1))

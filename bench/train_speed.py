@@ -120,7 +120,7 @@ def matmul_floor(config, batch, T, dtype, repeat=3):
             torch.nn.functional.linear(x, w), g @ w, g.t() @ x
         for _ in range(config["n_layer"]):
             q @ k.transpose(1, 2), probs @ v                                             # forward
-            probs @ k, probs.transpose(1, 2) @ q, probs @ v, probs.transpose(1, 2) @ v   # backward
+            probs @ k, probs.transpose(1, 2) @ q, probs @ v, probs.transpose(1, 2) @ v   # backward (same sizes)
     step()
     return timed(step, repeat)
 

@@ -23,7 +23,8 @@ class PackedLinear(nn.Module):
     doubles the memory its weights take while generating, so fp32 is only packed for batches of more
     than one sequence (at one row it saves ~1 ms a token); inputs with another number of rows (the
     prompt) use the plain weight. bf16 goes through oneDNN, whose packed weight serves any row count:
-    packing takes ~0.15 s for 124M and a decoding step at one row drops from ~38 to ~28 ms."""
+    packing takes ~0.15 s for 124M, and a one-row decoding step then takes a fifth to a quarter less
+    time (28 vs 38 ms, 40 vs 50 ms a token in two A/B runs here)."""
 
     def __init__(self, linear, rows):
         super().__init__()

@@ -47,7 +47,8 @@ def packs(linear, rows):
         return False
     if linear.weight.dtype == torch.float32:
         return rows > 1 and torch.backends.mkl.is_available()
-    return linear.weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (linear.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from nanotune import NanotuneError, load_tokenizer
-from nanotune.cli import HelpFormatter, run
+from nanotune.cli import HelpFormatter, keep_freed_memory, run
 from nanotune.generation import generate
 from nanotune.lora import load_adapter, merge_lora, read_adapter_config
 from nanotune.models import load_model
@@ -125,6 +125,8 @@ def main(args):
     check_sampling(args)
     prompts = read_prompts(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        keep_freed_memory()           # each new token reuses the memory of the last one's tensors
     model, tokenizer = load(args, device)
     if not hasattr(model, "lm_head"):
         return classify(model, tokenizer, prompts, device)

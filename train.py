@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from nanotune import NanotuneError, distributed, load_tokenizer
-from nanotune.cli import HelpFormatter, run
+from nanotune.cli import HelpFormatter, keep_freed_memory, run
 from nanotune.checkpoint import load_state, save_state
 from nanotune.data import batch_order, classify_batch, lm_batch, lm_sequences, mix, pack, read_examples, split
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
@@ -194,6 +194,8 @@ def evaluate(model, task, sequences, label_ids, batch_size, pad_id, device, auto
 def main(args):
     device, rank, world = distributed.setup(args.device)     # several ranks when started by torchrun
     main_process = rank == 0                                 # the one that prints and saves
+    if device.type == "cpu":
+        keep_freed_memory()                                  # each step reuses the last step's memory
     say = print if main_process else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     out = prepare_out(args, main_process)

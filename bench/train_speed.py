@@ -29,6 +29,8 @@ def run_nanotune(folder, data, bf16, dropout=True, checkpointing=False):
     from nanotune import GPT2
     from nanotune.losses import output_layer_lm_loss_sum
     from nanotune.optim import make_optimizer
+    from nanotune.cli import keep_freed_memory
+    keep_freed_memory()                    # as train.py does on CPU
     model = GPT2.from_pretrained(folder).train()
     model.gradient_checkpointing = checkpointing
     if not dropout:

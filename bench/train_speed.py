@@ -3,8 +3,8 @@
     python bench/train_speed.py [--quick]
 
 Same checkpoint (GPT-2 124M architecture), same batches (8 x 128 tokens), fp32 and bf16 autocast.
-Each configuration runs in its own process, one after the other in this script, so that its peak
-resident memory is its own. Also: losses step for step against the plain loop with dropout off, and
+Each configuration runs in its own process, so that its peak resident memory is its own; the three
+loops take turns for two rounds and each one's best counts. Also: losses step for step against the plain loop with dropout off, and
 the achieved FLOP/s as a share of this machine's measured matmul peak, and the tokens/s of a step
 that did nothing but its matrix products (the most any loop could reach with these kernels), with
     model FLOPs per step = 6 x parameters x tokens + 12 x layers x d_model x T x tokens
@@ -145,7 +145,7 @@ def main():
     if args.worker:
         impl, size, bf16, steps, batch, T = args.worker
         return worker(impl, size, bf16 == "1", int(steps), int(batch), int(T))
-    size, steps, batch, T = ("tiny", 6, 8, 128) if args.quick else ("124M", 12, 8, 128)
+    size, steps, batch, T, rounds = ("tiny", 6, 8, 128, 1) if args.quick else ("124M", 12, 8, 128, 2)
     folder = checkpoint(size)
     config = json.loads((folder / "config.json").read_text())
     from nanotune import GPT2
@@ -154,13 +154,17 @@ def main():
     peaks = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16)}
     rows, results = [], {}
     for bf16 in (False, True):
+        for _ in range(rounds):          # in turn, best of the rounds: a slow spell of the machine hits every loop
+            for impl in ("Trainer", "plain loop", "nanotune"):
+                out = subprocess.run([sys.executable, __file__, "--worker", impl, size, str(int(bf16)), str(steps), str(batch), str(T)],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(out.stderr)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                if r["tokens_per_s"] > results.get((impl, bf16), {"tokens_per_s": 0})["tokens_per_s"]:
+                    results[impl, bf16] = r
         for impl in ("Trainer", "plain loop", "nanotune"):
-            out = subprocess.run([sys.executable, __file__, "--worker", impl, size, str(int(bf16)), str(steps), str(batch), str(T)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(out.stderr)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            results[impl, bf16] = r
+            r = results[impl, bf16]
             mfu = r["tokens_per_s"] / (batch * T) * flops_per_step / peaks[bf16]
             ratio = r["tokens_per_s"] / results["Trainer", bf16]["tokens_per_s"]
             rows.append(["bf16" if bf16 else "fp32", impl, r["tokens_per_s"], r["peak_rss_mib"], f"{mfu:.0%}", f"{ratio:.2f}x"])

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 LEVELS = 65536     # 16-bit uniform numbers
 
 
-def keep_mask(shape, p, device):
-    """A bool tensor, True (keep) with probability 1 - p, and 1 / that probability."""
+def drop_mask(shape, p, device):
+    """A bool tensor, True (drop) with probability p, and the scale 1 / (1 - p) for what is kept."""
     n = math.prod(shape)
     drop_levels = round(p * LEVELS)
     seed = torch.randint(2**63 - 1, (), dtype=torch.int64).item()     # torch's generator decides
     bits = np.random.PCG64(seed).random_raw((n + 3) // 4)               # 64 random bits each
-    keep = bits.view(np.int16)[:n] >= drop_levels - LEVELS // 2         # uniform over [-32768, 32767]
-    return torch.from_numpy(keep).view(shape).to(device), LEVELS / (LEVELS - drop_levels)
+    dropped = bits.view(np.int16)[:n] < drop_levels - LEVELS // 2       # uniform over [-32768, 32767]
+    return torch.from_numpy(dropped).view(shape).to(device), LEVELS / (LEVELS - drop_levels)
 
 
 def dropout(x, p: float, training: bool = True):
@@ -35,8 +35,10 @@ def dropout(x, p: float, training: bool = True):
         return x
     if x.device.type != "cpu" or p > 0.99:
         return F.dropout(x, p, training)
-    keep, scale = keep_mask(x.shape, p, x.device)
-    return (x * keep).mul_(scale)             # the product keeps only the bool mask for backward
+    dropped, scale = drop_mask(x.shape, p, x.device)
+    # masked_fill keeps only the bool mask for backward, and reads it as it is (x * mask would
+    # first convert the mask to x's dtype, in forward and again in backward)
+    return x.masked_fill(dropped, 0.0).mul_(scale)
 
 
 class Dropout(nn.Dropout):
@@ -49,20 +51,21 @@ class Dropout(nn.Dropout):
 class DropoutThenMatmul(torch.autograd.Function):
     """dropout(probs) @ v, for attention on CPU. Backward needs the dropped probabilities; rather
     than keep them (another (B, nh, T, T) float tensor per layer), it keeps the probabilities,
-    which softmax keeps for its own backward anyway, and the 1-byte mask, and drops again."""
+    which softmax keeps for its own backward anyway, and the 1-byte mask, and drops again. The
+    scale 1 / (1 - p) multiplies the (B, nh, T, hs) products, not the (B, nh, T, T) weights."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, probs, v, p):
-        keep, ctx.scale = keep_mask(probs.shape, p, probs.device)    # (B, nh, T, T)
-        ctx.save_for_backward(probs, keep, v)
-        return (probs * keep).mul_(ctx.scale) @ v                      # (B, nh, T, hs)
+        dropped, ctx.scale = drop_mask(probs.shape, p, probs.device)   # (B, nh, T, T)
+        ctx.save_for_backward(probs, dropped, v)
+        return (probs.masked_fill(dropped, 0.0) @ v).mul_(ctx.scale)    # (B, nh, T, hs)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_y):
-        probs, keep, v = ctx.saved_tensors
-        dropped = (probs * keep).mul_(ctx.scale)
-        grad_probs = ((grad_y @ v.transpose(-2, -1)) * keep).mul_(ctx.scale)
-        grad_v = dropped.transpose(-2, -1) @ grad_y
+        probs, dropped, v = ctx.saved_tensors
+        grad_y = grad_y * ctx.scale                                       # (B, nh, T, hs)
+        grad_probs = (grad_y @ v.transpose(-2, -1)).masked_fill_(dropped, 0.0)
+        grad_v = probs.masked_fill(dropped, 0.0).transpose(-2, -1) @ grad_y
         return grad_probs, grad_v, None

@@ -94,14 +94,17 @@ def causal_attention_with_dropout(q, k, v, mask, p, block=256):
     2 x 1,024 tokens, 2.1-2.6 s as one block, 1.3-1.7 s in blocks of 256). Up to `block` positions
     this is the plain formula."""
     T, past = q.shape[2], k.shape[2] - q.shape[2]           # keys: `past` cached positions, then these T
+    q = q * (1.0 / math.sqrt(k.size(-1)))                    # scaled here: (T, hs) numbers, not (T, T)
+    # -inf where the mask forbids, added to the scores: an addition's backward is free, a masked_fill's is not
+    forbidden = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     out = []
     for start in range(0, T, block):
         end = min(start + block, T)
         seen = past + end                                    # keys this block of queries may look at
-        att = (q[:, :, start:end] @ k[:, :, :seen].transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, n, seen)
+        att = q[:, :, start:end] @ k[:, :, :seen].transpose(-2, -1) + forbidden[..., start:end, :seen]  # (B, nh, n, seen)
         # softmax in the scores' own dtype: autocast would make float32 probabilities, only to
         # cast them back to bf16 for the product with v (it accumulates in float32 either way)
-        att = att.masked_fill(~mask[..., start:end, :seen], float("-inf")).softmax(dim=-1, dtype=att.dtype)
+        att = att.softmax(dim=-1, dtype=att.dtype)
         out.append(DropoutThenMatmul.apply(att, v[:, :, :seen], p))                     # (B, nh, n, hs)
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 

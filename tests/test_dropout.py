@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nanotune import GPT2
-from nanotune.dropout import DropoutThenMatmul, dropout, drop_mask
+from nanotune.dropout import DropoutThenMatmul, dropout, keep_mask
 from nanotune.gpt2 import attention_mask_for, causal_attention_with_dropout
 
 
@@ -22,10 +22,10 @@ def test_rate_scale_and_gradient():
 
 def test_same_seed_same_mask_and_a_new_draw_differs():
     torch.manual_seed(3)
-    a, _ = drop_mask((64, 64), 0.5, "cpu")
+    a, _ = keep_mask((64, 64), 0.5, "cpu")
     torch.manual_seed(3)
-    b, _ = drop_mask((64, 64), 0.5, "cpu")
-    c, _ = drop_mask((64, 64), 0.5, "cpu")
+    b, _ = keep_mask((64, 64), 0.5, "cpu")
+    c, _ = keep_mask((64, 64), 0.5, "cpu")
     assert torch.equal(a, b) and not torch.equal(b, c)
 
 
@@ -39,8 +39,8 @@ def dropped_attention(fused, dtype=torch.float32):
         if fused:
             y = DropoutThenMatmul.apply(probs, v, 0.3)
         else:
-            dropped, scale = drop_mask(probs.shape, 0.3, "cpu")
-            y = (probs * ~dropped * scale) @ v
+            keep, scale = keep_mask(probs.shape, 0.3, "cpu")
+            y = (probs * keep * scale) @ v
     y.float().square().sum().backward()
     return y, scores.grad, v.grad
 

@@ -60,6 +60,9 @@ def worker(impl, mode, size, steps):
         from nanotune.quantize import _bitsandbytes
         _bitsandbytes()              # both sides import bitsandbytes before the measured load
     import transformers  # noqa: F401  (imported by both, so neither pays for it inside the measurement)
+    if impl == "nanotune":
+        from nanotune.cli import keep_freed_memory
+        keep_freed_memory()          # as train.py does on CPU
     ids = torch.randint(0, 50000, (8, 128), generator=torch.Generator().manual_seed(0))
     reset_peak_rss()
     model = (load_nanotune if impl == "nanotune" else load_reference)(folder, mode).train()

@@ -4,9 +4,10 @@
 
 Same checkpoint (GPT-2 124M architecture), same batches (8 x 128 tokens), fp32 and bf16 autocast.
 Each configuration runs in its own process, so that its peak resident memory is its own; the three
-loops take turns for two rounds and each one's best counts. Also: losses step for step against the plain loop with dropout off, and
-the achieved FLOP/s as a share of this machine's measured matmul peak, and the tokens/s of a step
-that did nothing but its matrix products (the most any loop could reach with these kernels), with
+loops take turns for two rounds and each one's best counts. Also: losses step for step against the
+plain loop with dropout off, the achieved FLOP/s as a share of this machine's measured matmul peak,
+and the tokens/s of a step that did nothing but its matrix products (the most any loop could reach
+with these kernels), with
     model FLOPs per step = 6 x parameters x tokens + 12 x layers x d_model x T x tokens
 (forward + backward of every weight, plus the attention score and value products).
 """

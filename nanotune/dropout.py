@@ -4,11 +4,11 @@ PyTorch's CPU dropout draws a float32 mask with `bernoulli_`, one random number 
 its Mersenne Twister (about 15 ns each), and keeps that mask for backward: 4 bytes for every
 element of every dropped activation, several hundred MB in GPT-2 training. Here numpy's PCG64
 generator makes the random bits in bulk (about 1.5 ns a mask element), each 16 bits compared with
-p's threshold, and the mask kept is one byte an element. p is rounded to a multiple of 1/65,536 (0.1 becomes
-0.100006) and the kept values are scaled by exactly 1 / (1 - that p), so the expected activation
-is unchanged. PCG64 is seeded by one draw from torch's generator, so `torch.manual_seed`, gradient
-checkpointing's recompute and resuming a run see the same masks. On GPUs, PyTorch's fused kernel
-already keeps a 1-byte mask, so it is used there.
+p's threshold, and the mask kept is one byte an element. p is rounded to a multiple of 1/65,536
+(0.1 becomes 0.100006) and the kept values are scaled by exactly 1 / (1 - that p), so the expected
+activation is unchanged. PCG64 is seeded by one draw from torch's generator, so
+`torch.manual_seed`, gradient checkpointing's recompute and resuming a run see the same masks. On
+GPUs, PyTorch's fused kernel already keeps a 1-byte mask, so it is used there.
 """
 import math
 

@@ -217,7 +217,6 @@ def test_diverging_loss_stops_the_run_before_saving(tmp_path, tiny_gpt2):
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_training_steps_reuse_freed_memory_without_page_faults():
     # Each step frees its activations and gradients and allocates them again; with the setting the

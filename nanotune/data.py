@@ -34,8 +34,9 @@ def _text_lines(path: Path):
     raw = path.read_bytes()
     if not raw.strip():
         raise NanotuneError(f"data file {path} is empty: give a file with at least one example")
-    if b"\0" in raw[:8192]:
-        raise NanotuneError(f"data file {path} looks binary (it has NUL bytes): give a UTF-8 text file")
+    if b"\0" in raw:
+        line = raw[:raw.index(b"\0")].count(b"\n") + 1
+        raise NanotuneError(f"data file {path} looks binary (a NUL byte on line {line}): give a UTF-8 text file")
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             line.decode("utf-8")
@@ -60,9 +61,13 @@ def read_examples(path, text_column="text", label_column="label", with_labels=Fa
                 raise NanotuneError(f"{path} line {number} is not valid JSON ({e.msg}): one JSON object per line") from None
             if not isinstance(row, dict):
                 raise NanotuneError(f"{path} line {number} is not a JSON object: one object per line, with a {text_column!r} field")
-            rows.append(row)
+            rows.append((f"line {number}", row))
     elif suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ","))
+        csv.field_size_limit(2**31 - 1)     # a long review is one field: the default limit is 128 KiB
+        try:
+            rows = [(f"row {n}", row) for n, row in enumerate(csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ","), start=1)]
+        except csv.Error as e:
+            raise NanotuneError(f"{path} is not valid {suffix[1:].upper()} ({e}): check its quoting") from None
     elif with_labels:
         raise NanotuneError(f"{path} is plain text, which has no labels: use .jsonl, .csv or .tsv with {text_column!r} and {label_column!r} columns")
     else:
@@ -70,15 +75,23 @@ def read_examples(path, text_column="text", label_column="label", with_labels=Fa
 
     wanted = [text_column] + ([label_column] if with_labels else [])
     examples = []
-    for number, row in enumerate(rows, start=1):
+    for where, row in rows:
         absent = [c for c in wanted if row.get(c) in (None, "")]
         if absent:
             have = ", ".join(repr(k) for k in row if k is not None)
-            raise NanotuneError(f"{path} row {number} has no {' or '.join(map(repr, absent))} (its columns: {have}): "
+            raise NanotuneError(f"{path} {where} has no {' or '.join(map(repr, absent))} (its columns: {have}): "
                                 "name the right ones with --text-column / --label-column")
-        example = {"text": str(row[text_column])}
+        text, label = row[text_column], row.get(label_column)
+        if not isinstance(text, str):
+            raise NanotuneError(f"{path} {where}: {text_column!r} is {json.dumps(text)[:40]}, not a string of text:"
+                                " every example's text must be a string")
+        example = {"text": text}
         if with_labels:
-            example["label"] = str(row[label_column]).strip()
+            if isinstance(label, bool) or not isinstance(label, (str, int)):
+                raise NanotuneError(f"{path} {where}: {label_column!r} is {json.dumps(label)[:40]}: a label is a name or a whole number")
+            example["label"] = str(label).strip()
+            if not example["label"]:
+                raise NanotuneError(f"{path} {where} has an empty {label_column!r}: give every example a label")
         examples.append(example)
     if not examples:
         raise NanotuneError(f"data file {path} has a header but no examples")

@@ -46,6 +46,7 @@ class GPT2Config:
     extra: dict = field(default_factory=dict)   # the rest of config.json, kept for saving
 
     def __post_init__(self):
+        hub.check_sizes(self, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"))
         if self.activation_function not in ACTIVATIONS:
             raise NanotuneError(f"activation_function {self.activation_function!r} in config.json is not supported; use one of {', '.join(ACTIVATIONS)}")
         if self.extra.get("scale_attn_by_inverse_layer_idx") or self.extra.get("reorder_and_upcast_attn") or self.extra.get("scale_attn_weights") is False:
@@ -245,7 +246,7 @@ class GPT2(nn.Module):
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):
         """A Hub id or folder; `quantize` (a QuantConfig) swaps linear layers for 8/4-bit ones as they load."""
         folder = hub.resolve(name_or_path)
-        config = hub.config_from_dict(GPT2Config, hub.read_config(folder, ("gpt2",)))
+        config = hub.config_from_dict(GPT2Config, hub.read_config(folder, ("gpt2",)), folder / "config.json")
         with torch.device("meta"):      # no memory for weights yet: the checkpoint fills them
             model = cls(config)
         after_load = quantize_while_loading(model, quantize) if quantize else None

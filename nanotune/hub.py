@@ -9,7 +9,8 @@ import dataclasses
 import json
 import mmap
 import os
-import tempfile
+import secrets
+import types
 from pathlib import Path
 
 import torch
@@ -59,17 +60,51 @@ def read_config(folder: Path, model_types: tuple) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NanotuneError(f"{path} is not valid JSON ({e}): restore or re-download it") from None
+    if not isinstance(config, dict):
+        raise NanotuneError(f"{path} holds a JSON {type(config).__name__}, not an object: restore or re-download it")
     if config.get("model_type") not in model_types:
         raise NanotuneError(f"{path} describes a {config.get('model_type')!r} model; this loader reads {' or '.join(model_types)}"
                             " (nanotune implements GPT-2 for text generation and BERT for classification)")
     return config
 
 
-def config_from_dict(cls, d: dict):
+def config_from_dict(cls, d: dict, source="config.json"):
     """Build a config dataclass from config.json; entries it does not know are kept in `extra`
-    and written back unchanged on save, so nothing of the original config is lost."""
-    known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+    and written back unchanged on save, so nothing of the original config is lost. A known entry
+    of the wrong type ("n_layer": "12") is refused here, not deep inside the model."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "extra"}
+    for name, value in d.items():
+        if name in fields and not _fits(value, fields[name]):
+            raise NanotuneError(f"{source}: {name!r} is {json.dumps(value)}, which is not {_describe(fields[name])}:"
+                                " restore or re-download config.json")
+    return cls(**{k: v for k, v in d.items() if k in fields}, extra={k: v for k, v in d.items() if k not in fields})
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a JSON value fits a dataclass field's type (int | None, float, str, dict, list, ...)."""
+    if isinstance(annotation, types.UnionType):
+        return any(_fits(value, a) for a in annotation.__args__)
+    if annotation is type(None):
+        return value is None
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation) -> str:
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+             list: "a list", type(None): "null"}
+    parts = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
+    return " or ".join(names.get(a, a.__name__) for a in parts)
+
+
+def check_sizes(config, names):
+    """The sizes a model is built from must be positive whole numbers."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise NanotuneError(f"config.json: {name!r} is {getattr(config, name)}; it must be at least 1: restore or re-download config.json")
 
 
 def config_to_dict(config) -> dict:
@@ -100,6 +135,30 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _read_header(f, file):
+    """(header length, {key: dtype, shape, data_offsets}, file size), checked against the file's size."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+        if 8 + header_len + end > size or any(v["dtype"] not in DTYPES for v in entries.values()):
+            raise ValueError(f"{size} bytes, the header describes {8 + header_len + end}")
+    except (ValueError, AttributeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise NanotuneError(f"{file} is truncated or corrupt ({e}): download or save it again") from None
+    return header_len, entries, size
+
+
+def checkpoint_shapes(folder: Path) -> dict:
+    """{tensor name: shape} of a checkpoint, read from the file headers only."""
+    shapes = {}
+    for file in checkpoint_files(folder):
+        with open(file, "rb") as f:
+            shapes.update({k: v["shape"] for k, v in _read_header(f, file)[1].items()})
+    return shapes
+
+
 def iter_checkpoint(folder: Path):
     """Yield (key, tensor) one tensor at a time.
 
@@ -112,16 +171,7 @@ def iter_checkpoint(folder: Path):
     """
     for file in checkpoint_files(folder):
         with open(file, "rb") as f:
-            try:
-                size = os.fstat(f.fileno()).st_size
-                header_len = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
-                entries = {k: v for k, v in header.items() if k != "__metadata__"}
-                end = max((v["data_offsets"][1] for v in entries.values()), default=0)
-                if 8 + header_len + end > size or any(v["dtype"] not in DTYPES for v in entries.values()):
-                    raise ValueError(f"{size} bytes, the header describes {8 + header_len + end}")
-            except (ValueError, AttributeError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise NanotuneError(f"{file} is truncated or corrupt ({e}): download or save it again") from None
+            header_len, entries, size = _read_header(f, file)
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
         base = 8 + header_len
         for key, entry in entries.items():
@@ -183,18 +233,35 @@ def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.fl
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file, only
+    a `.NAME.RANDOM.tmp` that the next run in the folder removes. The temporary file is created like
+    any other (the umask decides who may read it), and its bytes reach the disk before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    mode = os.stat(tmp).st_mode              # 0o666 less the umask, as for any new file
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, mode)                  # some writers (safetensors) recreate the file as 0o600
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if hasattr(os, "O_DIRECTORY"):        # and the rename itself, so a power cut cannot undo it
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_json(obj, path: Path) -> None:

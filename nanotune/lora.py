@@ -103,7 +103,7 @@ def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
         "target_modules": sorted(cfg.targets), "bias": "none",
         "fan_in_fan_out": is_gpt2,             # GPT-2's Hub weights are Conv1D, stored (in, out)
         "modules_to_save": None if is_gpt2 else list(HEADS),
-        "base_model_name_or_path": str(base_model_name), "inference_mode": True, "init_lora_weights": True,
+        "base_model_name_or_path": base_model_reference(base_model_name), "inference_mode": True, "init_lora_weights": True,
     }
     tensors = {PEFT_PREFIX + n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     hub.atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -111,13 +111,34 @@ def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
 
 
 def read_adapter_config(folder) -> dict:
+    """adapter_config.json, checked: a LoRA adapter with a rank, a scale and target layers."""
     path = Path(folder) / "adapter_config.json"
     if not path.is_file():
         raise NanotuneError(f"no adapter_config.json in {folder}: pass a folder that train.py wrote with LoRA")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanotuneError(f"{path} is not valid JSON ({e}): restore it, or train the adapter again") from None
+    if not isinstance(config, dict):
+        raise NanotuneError(f"{path} holds a JSON {type(config).__name__}, not an object: restore it, or train the adapter again")
     if config.get("peft_type") != "LORA":
         raise NanotuneError(f"{path} is a {config.get('peft_type')} adapter; nanotune reads LoRA adapters")
+    targets = config.get("target_modules")
+    checks = {"r": isinstance(config.get("r"), int) and config["r"] >= 1,
+              "lora_alpha": isinstance(config.get("lora_alpha"), (int, float)) and config["lora_alpha"] > 0,
+              "target_modules": isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)),
+              "base_model_name_or_path": isinstance(config.get("base_model_name_or_path", ""), str)}
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise NanotuneError(f"{path}: {', '.join(bad)} missing or of the wrong type: restore it, or train the adapter again")
     return config
+
+
+def base_model_reference(name_or_path) -> str:
+    """How an adapter names its base model: a local folder as an absolute path (so the adapter
+    loads from any working directory), a Hub id as it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name_or_path)
 
 
 def load_adapter(model, folder):
@@ -130,8 +151,12 @@ def load_adapter(model, folder):
     path = Path(folder) / "adapter_model.safetensors"
     if not path.is_file():
         raise NanotuneError(f"no adapter_model.safetensors in {folder}: nanotune reads safetensors adapters only")
+    try:
+        saved = load_file(str(path))
+    except Exception as e:      # safetensors raises its own error type for a truncated or corrupt file
+        raise NanotuneError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}): save or train the adapter again") from None
     params = dict(model.named_parameters())
-    tensors = {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in load_file(str(path)).items()}
+    tensors = {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in saved.items()}
     wanted = {n for n in params if ".lora_" in n}
     problems = sorted(wanted - tensors.keys()) + sorted(k for k in tensors if k not in params or params[k].shape != tensors[k].shape)
     if problems:

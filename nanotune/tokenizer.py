@@ -135,4 +135,6 @@ def load_tokenizer(name_or_path) -> Tokenizer:
         if isinstance(e, NanotuneError):
             raise
         raise NanotuneError(f"the tokenizer files in {folder} could not be read ({e}): restore or re-download them") from None
+    if tk.get_vocab_size() == 0:
+        raise NanotuneError(f"the tokenizer in {folder} has an empty vocabulary: restore or re-download its files")
     return Tokenizer(tk, specials, folder)

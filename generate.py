@@ -6,44 +6,48 @@
 With no --prompt, GPT-2 samples from scratch (starting after an end-of-text token).
 `python generate.py --help` lists every option.
 """
-import argparse
 import os
 import sys
 
 import torch
 
-from nanotune import NanotuneError, load_tokenizer
-from nanotune.cli import HelpFormatter, keep_freed_memory, run
+from nanotune import NanotuneError, hub, load_tokenizer
+from nanotune.cli import ArgumentParser, default_device, device, keep_freed_memory, number, run, text, whole_number
 from nanotune.generation import generate
 from nanotune.lora import load_adapter, merge_lora, read_adapter_config
-from nanotune.models import load_model
+from nanotune.models import check_tokenizer_fits, load_model
 from nanotune.quantize import QuantConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate text (GPT-2) or predict labels (BERT classifier).",
-                                formatter_class=HelpFormatter)
+def parser():
+    """Every flag is checked as it is read: a value out of range stops here, before any work."""
+    p = ArgumentParser(description="Generate text (GPT-2) or predict labels (BERT classifier).")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="out", help="Hub id, or a folder train.py wrote (a full model, or a LoRA adapter with its base named inside)")
-    g.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout) to apply to --model")
+    g.add_argument("--model", type=text("a Hub id or a model folder"),
+                   help="Hub id, or a folder train.py wrote (a full model, or a LoRA adapter with its base named inside); default: out")
+    g.add_argument("--adapter", type=text("an adapter folder"), help="a LoRA adapter folder (PEFT layout) to apply to --model")
     g.add_argument("--quantize", choices=["8bit", "4bit"], help="load the linear layers in 8 or 4 bits (bitsandbytes)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute precision")
-    g.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    g.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
     g = p.add_argument_group("input")
     g.add_argument("--prompt", action="append", help="text to continue or classify; repeat for a batch")
-    g.add_argument("--prompt-file", help="a file with one prompt per line")
+    g.add_argument("--prompt-file", type=text("a file"), help="a file with one prompt per line")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token every time (greedy)")
-    g.add_argument("--top-k", type=int, default=50, help="sample only among the k most likely tokens; 0 for all")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample only among the most likely tokens that make up this probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 makes repeating a token less likely")
-    g.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
-    g.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
-    g.add_argument("--seed", type=int, help="same seed, same samples")
-    return p.parse_args(argv)
+    g.add_argument("--max-new-tokens", type=whole_number(1), default=100)
+    g.add_argument("--temperature", type=number(0), default=0.8, help="0 picks the most likely token every time (greedy)")
+    g.add_argument("--top-k", type=whole_number(0), default=50, help="sample only among the k most likely tokens; 0 for all")
+    g.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0, help="sample only among the most likely tokens that make up this probability")
+    g.add_argument("--repetition-penalty", type=number(0, low_open=True), default=1.0, help="above 1 makes repeating a token less likely")
+    g.add_argument("--stop", action="append", default=[], type=text("the text to stop at"), help="stop when this text appears (repeatable)")
+    g.add_argument("--num-samples", type=whole_number(1), default=1, help="continuations per prompt")
+    g.add_argument("--seed", type=whole_number(0, 2**63 - 1), help="same seed, same samples")
+    return p
+
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def read_prompts(args):
@@ -56,15 +60,6 @@ def read_prompts(args):
     if any(not p.strip() for p in prompts):
         raise NanotuneError("a prompt is empty: give some text, or leave --prompt out to sample from scratch")
     return prompts
-
-
-def check_sampling(args):
-    if args.temperature < 0:
-        raise NanotuneError(f"--temperature {args.temperature} is negative: use 0 for greedy, or a positive number")
-    if not 0 < args.top_p <= 1:
-        raise NanotuneError(f"--top-p {args.top_p} is outside (0, 1]: 0.9 keeps the tokens that make up 90% of the probability")
-    if args.top_k < 0 or args.max_new_tokens < 1 or args.num_samples < 1 or args.repetition_penalty <= 0:
-        raise NanotuneError("--top-k must be >= 0, --max-new-tokens and --num-samples >= 1, --repetition-penalty > 0")
 
 
 class Printer:
@@ -109,8 +104,17 @@ def load(args, device):
     """The model (with its adapter applied) and the tokenizer. A folder holding only an adapter
     names its base model in adapter_config.json."""
     base, adapter = args.model, args.adapter
+    if base is None:                     # train.py's default --out
+        if not os.path.isdir("out"):
+            raise NanotuneError("no trained model in out/ (there is no such folder here): train one first with train.py, or pass --model")
+        base = "out"
     if adapter is None and os.path.isfile(os.path.join(base, "adapter_config.json")) and not os.path.isfile(os.path.join(base, "config.json")):
-        base, adapter = read_adapter_config(base)["base_model_name_or_path"], base
+        base, adapter = read_adapter_config(base).get("base_model_name_or_path"), base
+        try:
+            hub.resolve(base or "")
+        except NanotuneError:
+            raise NanotuneError(f"the adapter in {adapter} was trained on {base!r}, which is neither a folder here nor a model"
+                                f" in the Hugging Face cache: pass its base model with --model BASE --adapter {adapter}") from None
     quant = QuantConfig(args.quantize, compute_dtype=DTYPES[args.dtype], cpu_inference_kernel=True) if args.quantize else None
     model = load_model(base, dtype=DTYPES[args.dtype], device=device, quantize=quant)
     if adapter is not None:
@@ -118,13 +122,14 @@ def load(args, device):
         if not args.quantize:     # fold it in: generation then costs what the base model costs
             merge_lora(model)
     has_tokenizer = adapter is not None and any(os.path.isfile(os.path.join(adapter, f)) for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
-    return model.eval(), load_tokenizer(adapter if has_tokenizer else base)
+    tokenizer = load_tokenizer(adapter if has_tokenizer else base)
+    check_tokenizer_fits(model, tokenizer, adapter if has_tokenizer else base)
+    return model.eval(), tokenizer
 
 
 def main(args):
-    check_sampling(args)
     prompts = read_prompts(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or default_device())
     if device.type == "cpu":
         keep_freed_memory()           # each new token reuses the memory of the last one's tensors
     model, tokenizer = load(args, device)

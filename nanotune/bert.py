@@ -41,6 +41,8 @@ class BertConfig:
     extra: dict = field(default_factory=dict)   # the rest of config.json, kept for saving
 
     def __post_init__(self):
+        hub.check_sizes(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size", "max_position_embeddings", "type_vocab_size"))
         if self.hidden_act not in ACTIVATIONS:
             raise NanotuneError(f"hidden_act {self.hidden_act!r} in config.json is not supported; use one of {', '.join(ACTIVATIONS)}")
         if self.position_embedding_type != "absolute":
@@ -194,10 +196,12 @@ class BertClassifier(nn.Module):
         return None if name is None else "bert." + name
 
     @classmethod
-    def from_pretrained(cls, name_or_path, num_labels=None, labels=None, dtype=torch.float32, device="cpu", quantize=None):
+    def from_pretrained(cls, name_or_path, num_labels=None, labels=None, dtype=torch.float32, device="cpu", quantize=None,
+                        new_head=False):
         """`labels` (names in id order) or `num_labels` set the head; by default the config's id2label,
-        else 2. A checkpoint without a classifier gets a new, randomly initialised head."""
-        return _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels, labels)
+        else 2. A checkpoint without a classifier gets a new, randomly initialised head, and so does
+        one loaded with `new_head=True` (transfer learning: keep the body, replace the last layer)."""
+        return _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels, labels, new_head)
 
     def save_pretrained(self, folder, state_dict=None):
         """Hub layout, as BertForSequenceClassification writes it (`state_dict`: gathered FSDP weights)."""
@@ -206,27 +210,50 @@ class BertClassifier(nn.Module):
         hub.save_model(folder, config, state_dict if state_dict is not None else self.state_dict())
 
 
-def _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels=None, labels=None):
+def _head_labels(config, folder, name_or_path, labels, num_labels, new_head):
+    """The label names, in id order, of the classifier head the model is built with. A head in the
+    checkpoint is kept if it fits the labels asked for: the same names (in the checkpoint's order),
+    or as many labels where the checkpoint's are only numbered (LABEL_0, LABEL_1, ...)."""
+    saved = config.labels
+    if labels is None:
+        if saved and num_labels in (None, len(saved)):
+            return saved
+        return [f"LABEL_{i}" for i in range(num_labels or 2)]
+    head = None if new_head else hub.checkpoint_shapes(folder).get("classifier.weight")
+    if head is None:
+        return list(labels)
+    if saved and len(saved) == head[0] and set(labels) <= set(saved):
+        return saved
+    numbered = saved is None or saved == [f"LABEL_{i}" for i in range(len(saved))]
+    if numbered and len(labels) == head[0]:
+        return list(labels)
+    raise NanotuneError(f"the data's labels ({', '.join(labels)}) are not those of the classifier head in {name_or_path}"
+                        f" ({', '.join(saved) if saved and not numbered else f'{head[0]} numbered labels'}): add --new-head"
+                        " to replace the head with a new one for the data's labels (the rest of the model is kept)")
+
+
+def _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels=None, labels=None, new_head=False):
     folder = hub.resolve(name_or_path)
-    config = hub.config_from_dict(BertConfig, hub.read_config(folder, ("bert",)))
+    config = hub.config_from_dict(BertConfig, hub.read_config(folder, ("bert",)), folder / "config.json")
+    hub_to_name = cls.hub_to_name
     with torch.device("meta"):      # no memory for weights yet: the checkpoint fills them
         if cls is Bert:
             model = Bert(config)
         else:
-            if labels is None and config.labels and num_labels in (None, len(config.labels)):
-                labels = config.labels
-            elif labels is None:
-                labels = [f"LABEL_{i}" for i in range(num_labels or 2)]
+            labels = _head_labels(config, folder, name_or_path, labels, num_labels, new_head)
             config.id2label = {str(i): name for i, name in enumerate(labels)}
             config.label2id = {name: i for i, name in enumerate(labels)}
             model = cls(config, len(labels))
+            if new_head:    # the checkpoint's head is not loaded: a new one is made below
+                hub_to_name = lambda key: None if key.startswith("classifier.") else cls.hub_to_name(key)
     after_load = quantize_while_loading(model, quantize) if quantize else None
-    new = hub.load_weights(model, folder, cls.hub_to_name, dtype=dtype, device=device,
+    new = hub.load_weights(model, folder, hub_to_name, dtype=dtype, device=device,
                            optional=("classifier.", "pooler.", "bert.pooler."), after_load=after_load)
     for module_name in sorted({n.rpartition(".")[0] for n in new}):   # a head the checkpoint does not have
         module = model.get_submodule(module_name).to_empty(device=device).to(dtype)
         nn.init.normal_(module.weight, std=config.initializer_range)
         nn.init.zeros_(module.bias)
-        print(f"nanotune: {module_name} is not in the checkpoint; initialised it randomly (train it before use)")
+        why = "replaced by a new one (--new-head)" if new_head and module_name == "classifier" else "not in the checkpoint"
+        print(f"nanotune: {module_name} is {why}; initialised it randomly (train it before use)")
     model.name_or_path = str(name_or_path)
     return model.eval()

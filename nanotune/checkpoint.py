@@ -4,10 +4,12 @@ A checkpoint is one plain dict: trainable weights, optimizer state, where the ru
 (epoch, step, best score) and the random-number state, saved with torch.save and read back with
 `weights_only=True`, which loads tensors and plain containers and refuses to run pickled code.
 """
+import signal
 from pathlib import Path
 
 import torch
 
+from .distributed import sum_across
 from .errors import NanotuneError
 from .hub import atomic_write
 
@@ -46,3 +48,20 @@ def load_state(folder, model, optimizer) -> dict:
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["progress"]
+
+
+class StopSignals:
+    """Ctrl-C or SIGTERM during training: finish the current optimizer step, save a resumable
+    state, then stop (rather than dying mid-step and losing everything since the last epoch)."""
+
+    def __init__(self):
+        self.received = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._receive)
+
+    def _receive(self, signum, frame):
+        self.received = signum
+
+    def requested(self, device) -> bool:
+        """Asked on every rank after every step, so that all ranks stop at the same one."""
+        return bool(sum_across(self.received is not None, device=device)[0])

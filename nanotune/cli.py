@@ -1,6 +1,8 @@
-"""What train.py and generate.py share: help text with defaults, and errors for people."""
+"""What train.py and generate.py share: a parser whose every flag is checked as it is read, help
+text with defaults, and errors for people (one line, exit status 2, no traceback)."""
 import argparse
 import ctypes
+import math
 import sys
 
 from .errors import NanotuneError
@@ -13,6 +15,89 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, []) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with nanotune's way of failing: a bad flag prints one line and exits with status 2
+    (argparse's own way prints the whole usage first, which buries the one line that matters)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+# ---- flag types: each converts a value or says, in one line, what range is allowed ----------
+
+def whole_number(low, high=None):
+    """An int flag in [low, high]."""
+    allowed = f"a whole number from {low} to {high}" if high is not None else f"a whole number >= {low}"
+
+    def convert(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give {allowed}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {allowed}")
+        return value
+    return convert
+
+
+def number(low=None, high=None, low_open=False, high_open=False):
+    """A finite float flag within the given bounds (open or closed at each end)."""
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    allowed = (f"a number in {left}{low}, {high}{right}" if high is not None
+               else f"a number {'>' if low_open else '>='} {low}" if low is not None else "a finite number")
+
+    def convert(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: give {allowed}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {allowed}")
+        return value
+    return convert
+
+
+def text(what):
+    """A string flag that must not be empty (an empty one is almost always a shell-quoting slip)."""
+    def convert(value):
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"it is empty: give {what}")
+        return value
+    return convert
+
+
+def device(name):
+    """A torch device that this machine has: cpu, cuda, cuda:N, mps, ..."""
+    import torch
+    try:
+        d = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if d.type == "cpu":
+        return name
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{name}: this machine has no usable CUDA GPU: use cpu, or leave --device out")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        return name
+    backend = getattr(torch.backends, d.type, None) or getattr(torch, d.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise argparse.ArgumentTypeError(f"{name}: this machine has no {d.type} device: use cpu, or leave --device out")
+    return name
+
+
+def default_device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run(main, parse_args):

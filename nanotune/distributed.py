@@ -5,6 +5,7 @@ model, takes its own share of each batch, and the gradients are averaged across 
 DistributedDataParallel (DDP) when the model fits one device, FSDP (each rank keeps a shard of
 every block's weights) when it does not. Backend: NCCL on GPUs, Gloo on CPUs.
 """
+import contextlib
 import os
 
 import torch
@@ -32,10 +33,6 @@ def wrap(model, device, fsdp=False):
     only one block's full weights exist at a time in forward and backward."""
     if fsdp:
         from torch.distributed.fsdp import fully_shard
-        for module in model.modules():   # FSDP flattens weights: GPT-2's transposed Conv1D views must be copied
-            for name, p in list(module.named_parameters(recurse=False)):
-                if not p.is_contiguous():
-                    setattr(module, name, torch.nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad))
         for block in next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
             fully_shard(block)
         return fully_shard(model)
@@ -48,6 +45,27 @@ def sum_across(*values, device):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def loss_divisor(local_count, device):
+    """What each rank divides its summed loss by before backward: the scored tokens (or examples) of
+    the whole optimizer step on all ranks, over the number of ranks. DDP averages the ranks'
+    gradients, so that average is then the gradient of the mean over every token of the step; in
+    one process this is simply the step's count."""
+    (total,) = sum_across(local_count, device=device)
+    return total / world_size()
+
+
+def gradient_sync(model, sync: bool):
+    """DDP averages gradients across ranks in every backward. Under gradient accumulation only the
+    step's last micro-batch needs to: the others skip it (`no_sync`) and add to the local gradient."""
+    if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def full_state_dict(model, fsdp):

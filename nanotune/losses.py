@@ -30,6 +30,15 @@ def causal_lm_loss_sum(logits, labels):
     return loss, (labels != IGNORE).sum()
 
 
+def scored_count(batch) -> int:
+    """What a batch's summed loss sums over: the tokens that have a next token to predict (LM,
+    labels (B, T)), or the examples (classification, labels (B,))."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.numel()
+    return int((next_token_labels(labels) != IGNORE).sum())
+
+
 def causal_lm_loss(logits, labels):
     """Mean next-token cross-entropy over real tokens (what `transformers` reports as `loss`)."""
     total, count = causal_lm_loss_sum(logits, labels)

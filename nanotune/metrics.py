@@ -3,6 +3,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
+from .distributed import sum_across
 
 
 def accuracy_and_macro_f1(predictions, labels, num_labels):
@@ -16,6 +19,32 @@ def accuracy_and_macro_f1(predictions, labels, num_labels):
         fn = ((predictions != k) & (labels == k)).sum().item()
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return accuracy, sum(f1s) / num_labels
+
+
+class RunningLoss:
+    """The mean training loss and the tokens per second since the last report, over all ranks.
+    The loss is added up on the device and read only when reported: reading it makes the CPU
+    wait for the device to finish its queued work."""
+
+    def __init__(self, device):
+        self.device = device
+        self._reset()
+
+    def _reset(self):
+        self.loss, self.count, self.tokens = torch.zeros((), device=self.device), 0, 0
+        self.start = time.time()
+
+    def add(self, summed_loss, count, batches):
+        self.loss += summed_loss
+        self.count += count
+        self.tokens += sum(int(b["attention_mask"].sum()) if b["attention_mask"] is not None else b["input_ids"].numel()
+                           for b in batches)
+
+    def read(self, device):
+        loss, count, tokens = sum_across(self.loss.item(), self.count, self.tokens, device=device)
+        result = loss / count, tokens / (time.time() - self.start)
+        self._reset()
+        return result
 
 
 class MetricsLog:

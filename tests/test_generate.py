@@ -147,8 +147,8 @@ def test_cli_predicts_labels_with_a_classifier(tmp_path, tiny_bert):
 @pytest.mark.parametrize("args, pattern", [
     (["--prompt", ""], "a prompt is empty"),
     (["--prompt", "word " * 80], "context is 64"),
-    (["--top-p", "1.5"], "outside \\(0, 1\\]"),
-    (["--temperature", "-1"], "is negative"),
+    (["--top-p", "1.5"], "--top-p: 1.5 is out of range: give a number in \\(0, 1\\]"),
+    (["--temperature", "-1"], "--temperature: -1 is out of range: give a number >= 0"),
 ])
 def test_cli_bad_input(tiny_gpt2, args, pattern):
     import re

@@ -1,0 +1,66 @@
+"""Every flag of train.py and generate.py is checked as it is parsed: a bad value gives one line that
+names the flag and what is allowed, and exit status 2. The tables below must cover every flag, so a
+flag added later without a check (and a row here) fails this test."""
+import pytest
+from conftest import run_cli
+
+import generate
+import train
+
+# flag -> values that must be refused
+TRAIN_BAD = {
+    "--model": [""], "--task": ["text"], "--device": ["bogus", "cuda:99"],
+    "--data": [""], "--data-weights": ["0", "-1", "nan", "x"], "--val-data": [" "], "--val-split": ["-0.5", "1", "nan"],
+    "--text-column": [""], "--label-column": [" "], "--max-length": ["0", "1", "-5", "x"],
+    "--epochs": ["0", "-1", "1.5"], "--batch-size": ["0", "-1"], "--grad-accum": ["0"], "--lr": ["0", "-1", "nan", "inf"],
+    "--lr-schedule": ["exponential"], "--warmup-steps": ["-1"], "--weight-decay": ["-0.1", "nan"],
+    "--max-grad-norm": ["-1", "nan"], "--freeze": ["half", "-1"], "--class-weights": ["inverse"],
+    "--label-smoothing": ["5", "1", "-0.1"], "--patience": ["0"], "--seed": ["-1", "x", str(2**32)],
+    "--quantize": ["2bit"], "--quant-type": ["int4"], "--quantize-skip": [""], "--lora-r": ["-1"],
+    "--lora-alpha": ["0", "nan"], "--lora-dropout": ["1.5", "1", "-0.1"], "--lora-targets": [""],
+    "--out": [""], "--stop-after-epochs": ["0"],
+}
+GENERATE_BAD = {
+    "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],
+    "--prompt-file": [""], "--max-new-tokens": ["0", "-3"], "--temperature": ["-1", "nan", "inf"], "--top-k": ["-1"],
+    "--top-p": ["0", "1.5", "nan"], "--repetition-penalty": ["0", "-1", "nan"], "--stop": [""], "--num-samples": ["0"],
+    "--seed": ["-1"],
+}
+# Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
+TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--bf16", "--grad-checkpointing", "--fsdp", "--double-quant",
+                  "--no-double-quant", "--merge", "--resume", "--overwrite"}
+GENERATE_OTHERS = {"-h", "--help", "--prompt"}
+
+
+@pytest.mark.parametrize("module, table, others", [(train, TRAIN_BAD, TRAIN_SWITCHES), (generate, GENERATE_BAD, GENERATE_OTHERS)])
+def test_the_tables_cover_every_flag(module, table, others):
+    assert {s for action in module.parser()._actions for s in action.option_strings} == set(table) | others
+
+
+def cases(table, base):
+    return [(base, flag, value) for flag, values in table.items() for value in values]
+
+
+@pytest.mark.parametrize("base, flag, value", cases(TRAIN_BAD, ["--data", "x.txt"]) + cases(GENERATE_BAD, []),
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_a_bad_value_is_one_line_naming_the_flag(capsys, base, flag, value):
+    parse_args = train.parse_args if base else generate.parse_args
+    with pytest.raises(SystemExit) as exit:
+        parse_args(base + [flag, value] if flag != "--data" else ["--data", value])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: argument {flag}"), err
+
+
+def test_good_values_pass():
+    args = train.parse_args(["--data", "x.txt", "--val-split", "0", "--max-length", "2", "--lr", "1e-3", "--freeze", "2",
+                             "--label-smoothing", "0.1", "--lora-dropout", "0", "--seed", "0", "--device", "cpu"])
+    assert (args.val_split, args.max_length, args.freeze, args.seed) == (0.0, 2, "2", 0)
+    args = generate.parse_args(["--temperature", "0", "--top-p", "1", "--top-k", "0", "--repetition-penalty", "1.3"])
+    assert (args.temperature, args.top_p, args.top_k) == (0.0, 1.0, 0)
+
+
+def test_the_command_prints_one_line_and_no_usage():
+    r = run_cli("train.py", "--data", "anecdotes_jokes.txt", "--batch-size", "-1")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "error: argument --batch-size: -1 is out of range: give a whole number >= 1 (see --help)\n"

@@ -1,0 +1,220 @@
+"""Nothing is lost, whatever the input: everything is checked before --out is touched, --overwrite
+replaces only what nanotune wrote, one run holds a folder at a time, a kill -9 at any moment
+leaves a folder that loads and a run that resumes exactly, and files get ordinary permissions."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_cli
+
+import train
+from nanotune import GPT2, NanotuneError
+
+
+def train_args(model, out, *extra):
+    return ["--model", model, "--data", "anecdotes_jokes.txt", "--epochs", 3, "--lr", 1e-3, "--out", out, *extra]
+
+
+def run_train(*args, cwd=ROOT):
+    return run_cli("train.py", *args, cwd=cwd)
+
+
+def weights(out):
+    return torch.load(out / "checkpoint/training_state.pt", weights_only=True)["model"]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reproducible_mkl():
+    # MKL may choose its product's path by memory alignment; its reproducible mode always takes one,
+    # so a resumed process computes bit for bit what the uninterrupted one did.
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("MKL_CBWR", "AUTO")
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_gpt2, reproducible_mkl):
+    """An uninterrupted 3-epoch run: what every interrupted and resumed run must end with."""
+    out = tmp_path_factory.mktemp("full") / "out"
+    r = run_train(*train_args(tiny_gpt2, out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# ---- the overwrite guard ---------------------------------------------------------------------
+
+def test_a_foreign_file_survives_overwrite(tmp_path, tiny_gpt2, finished_run):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "config.json").write_text("{}")
+    with pytest.raises(NanotuneError, match="did not write .*notes.txt.* will not replace it"):
+        train.main(train.parse_args(list(map(str, train_args(tiny_gpt2, out, "--overwrite")))))
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "config.json").read_text() == "{}"
+
+
+def test_the_working_directory_is_refused(tmp_path, tiny_gpt2, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("# someone's source file\n")
+    with pytest.raises(NanotuneError, match="--out . holds files that nanotune did not write"):
+        train.main(train.parse_args(list(map(str, train_args(tiny_gpt2, ".", "--overwrite")))))
+    assert (tmp_path / "train.py").is_file()
+
+
+def test_the_model_being_loaded_is_refused(tmp_path, finished_run):
+    before = sorted(os.listdir(finished_run))
+    with pytest.raises(NanotuneError, match="is the --model .* which this run reads"):
+        train.main(train.parse_args(list(map(str, train_args(finished_run, finished_run, "--overwrite")))))
+    assert sorted(os.listdir(finished_run)) == before
+
+
+@pytest.mark.parametrize("typo", ["--model", "--data"])
+def test_a_typo_with_overwrite_deletes_nothing(tmp_path, tiny_gpt2, finished_run, typo):
+    before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    args = train_args(tiny_gpt2, finished_run, "--overwrite")
+    args[args.index(typo) + 1] = str(tmp_path / "no-such-thing")
+    assert run_train(*args).returncode == 2
+    assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_an_earlier_run_entirely(tmp_path, tiny_gpt2):
+    out = tmp_path / "out"
+    assert run_train(*train_args(tiny_gpt2, out, "--epochs", 1, "--lora-r", 2)).returncode == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    r = run_train(*train_args(tiny_gpt2, out, "--epochs", 1, "--overwrite"))
+    assert r.returncode == 0, r.stderr
+    assert not (out / "adapter_model.safetensors").exists() and (out / "model.safetensors").is_file()   # no mix of two runs
+    assert [m["epoch"] for m in metrics(out) if m["event"] == "eval"] == [1]
+
+
+# ---- one run per folder ----------------------------------------------------------------------
+
+def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, tiny_gpt2):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, train_args(tiny_gpt2, out, "--epochs", 500))],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = run_train(*train_args(tiny_gpt2, out, "--overwrite"))
+        assert second.returncode == 2 and f"in use by another nanotune run (process {first.pid})" in second.stderr, second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / ".nanotune.lock").is_file()                  # left behind by the killed run...
+    third = run_train(*train_args(tiny_gpt2, out, "--epochs", 1, "--overwrite"))
+    assert third.returncode == 0, third.stderr                 # ...recognised as stale and taken over
+    assert not (out / ".nanotune.lock").exists()               # and released at exit
+
+
+# ---- crash consistency -----------------------------------------------------------------------
+
+# Runs train.py with one writer replaced by one that is killed (SIGKILL, no clean-up) half-way
+# through its n-th file, or with the n-th optimizer step killed before it updates anything.
+CRASH = r"""
+import os, runpy, signal, sys
+what, nth = sys.argv[1], int(sys.argv[2])
+sys.argv = sys.argv[3:]
+import torch
+import nanotune.hub as hub
+calls = 0
+def killed_on_nth(real, half_written):
+    def wrapper(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == nth:
+            if half_written:
+                real(*args, **kwargs)
+                with open(args[1], "r+b") as f:
+                    f.truncate(os.path.getsize(args[1]) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapper
+if what == "model":
+    hub.save_file = killed_on_nth(hub.save_file, True)
+elif what == "state":
+    torch.save = killed_on_nth(torch.save, True)
+else:
+    torch.optim.AdamW.step = killed_on_nth(torch.optim.AdamW.step, False)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("what, nth", [("model", 2), ("state", 2), ("state", 1), ("step", 40)],
+                         ids=["mid-save-of-the-model", "mid-save-of-the-state", "mid-first-save-of-the-state", "mid-step"])
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_gpt2, finished_run, what, nth):
+    out = tmp_path / "out"
+    args = list(map(str, train_args(tiny_gpt2, out)))
+    crashed = subprocess.run([sys.executable, "-c", CRASH, what, str(nth), str(ROOT / "train.py"), *args],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    if (out / "config.json").is_file():                        # the last good model still loads
+        GPT2.from_pretrained(out)
+    plain = run_train(*args)                                   # without --resume: told what to do, nothing changed
+    assert plain.returncode == 2 and "--resume" in plain.stderr, plain.stderr
+    resumed = run_train(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.rglob("*.tmp"))                        # the half-written file is gone
+    a, b = weights(finished_run), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m["step"] for m in metrics(out) if m["event"] == "train"]
+    assert steps == sorted(set(steps))                         # every step logged once, in order
+    assert [m["epoch"] for m in metrics(out) if m["event"] == "eval"] == [1, 2, 3]
+    untimed = lambda records: [{k: v for k, v in m.items() if k not in ("time", "tokens_per_s")} for m in records]
+    assert untimed(metrics(out)) == untimed(metrics(finished_run))      # the same losses, step for step
+
+
+def test_sigterm_then_resume_trims_the_metrics_to_the_saved_step(tmp_path, tiny_gpt2, finished_run):
+    out = tmp_path / "out"
+    args = list(map(str, train_args(tiny_gpt2, out, "--batch-size", 2)))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    saved = torch.load(out / "checkpoint/training_state.pt", weights_only=True)["progress"]["step"]
+    with open(out / "metrics.jsonl", "a") as f:          # as if steps after the saved one had been logged
+        f.write(json.dumps({"event": "train", "step": saved + 5, "loss": 1.0}) + "\n" + '{"event": "tr')
+    resumed = run_train(*args, "--resume", "--epochs", 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "differ from the interrupted run's: --epochs 1 (was 3)" in resumed.stdout
+    steps = [m["step"] for m in metrics(out) if m["event"] == "train"]
+    assert steps == sorted(set(steps)) and saved + 5 not in steps[:len([s for s in steps if s <= saved])]
+
+
+# ---- nothing to train on -----------------------------------------------------------------------
+
+def test_a_tokenizer_that_encodes_nothing_stops_the_run(tmp_path, tiny_gpt2):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["model"]["vocab"], spec["model"]["merges"] = {"<|endoftext|>": 0}, []
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    r = run_train("--model", model, "--data", "anecdotes_jokes.txt", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "no training token would be scored" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- files written as any other file ----------------------------------------------------------
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_saved_files_follow_the_umask(tmp_path, tiny_gpt2, umask, file_mode, dir_mode):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, train_args(tiny_gpt2, out, "--epochs", 1))],
+                       cwd=ROOT, capture_output=True, text=True, preexec_fn=lambda: os.umask(umask))
+    assert r.returncode == 0, r.stderr
+    for path in [out, *out.rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (dir_mode if path.is_dir() else file_mode), path

@@ -347,6 +347,7 @@ def main(args):
 
     # Everything is checked: only now does the run take --out (a lock: one run per folder).
     out = Path(args.out)
+    distributed.barrier()                                    # every rank has checked --out before rank 0 locks it
     folder = run_folder.RunFolder(out).claim(start) if main_process else None
     distributed.barrier()
     progress = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}

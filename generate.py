@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from nanotune import NanotuneError, hub, load_tokenizer
-from nanotune.cli import ArgumentParser, default_device, device, keep_freed_memory, number, run, text, whole_number
+from nanotune import NanotuneError, hub, load_tokenizer, tricks
+from nanotune.cli import ArgumentParser, default_device, device, number, run, text, trick_names, whole_number
 from nanotune.generation import generate
 from nanotune.lora import load_adapter, merge_lora, read_adapter_config
 from nanotune.models import check_tokenizer_fits, load_model
@@ -43,6 +43,10 @@ def parser():
     g.add_argument("--stop", action="append", default=[], type=text("the text to stop at"), help="stop when this text appears (repeatable)")
     g.add_argument("--num-samples", type=whole_number(1), default=1, help="continuations per prompt")
     g.add_argument("--seed", type=whole_number(0, 2**63 - 1), help="same seed, same samples")
+    g = p.add_argument_group("reading the code")
+    g.add_argument("--plain", nargs="?", const="all", type=trick_names, metavar="TRICKS",
+                   help="turn the speed tricks off and run the textbook version of every step (or only of TRICKS,"
+                        f" comma-separated: {', '.join(tricks.NAMES)}); see nanotune/tricks.py")
     return p
 
 
@@ -128,10 +132,12 @@ def load(args, device):
 
 
 def main(args):
+    if args.plain:
+        tricks.turn_off(args.plain)   # the textbook version of every step
     prompts = read_prompts(args)
     device = torch.device(args.device or default_device())
-    if device.type == "cpu":
-        keep_freed_memory()           # each new token reuses the memory of the last one's tensors
+    if device.type == "cpu" and tricks.enabled("keep_freed_memory"):
+        tricks.keep_freed_memory()    # each new token reuses the memory of the last one's tensors
     model, tokenizer = load(args, device)
     if not hasattr(model, "lm_head"):
         return classify(model, tokenizer, prompts, device)

@@ -12,19 +12,18 @@ written. `python train.py --help` lists every option.
 import argparse
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from nanotune import NanotuneError, distributed, load_tokenizer, run_folder
+from nanotune import NanotuneError, distributed, load_tokenizer, run_folder, tricks
 from nanotune.checkpoint import StopSignals, load_state, save_state
-from nanotune.cli import ArgumentParser, device, keep_freed_memory, number, run, text, whole_number
+from nanotune.cli import ArgumentParser, device, number, run, text, trick_names, whole_number
 from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, read_examples, split
 from nanotune.hub import write_json
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
-from nanotune.losses import causal_lm_loss_sum, classification_loss, output_layer_lm_loss_sum, scored_count
+from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
 from nanotune.metrics import MetricsLog, RunningLoss, accuracy_and_macro_f1
 from nanotune.models import TASKS, check_tokenizer_fits, load_model, model_type
 from nanotune.optim import freeze, lr_at, make_optimizer
@@ -87,6 +86,10 @@ def parser():
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out exactly where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier nanotune run in --out (only the files nanotune wrote)")
     g.add_argument("--stop-after-epochs", type=whole_number(1), metavar="N", help="stop (resumably) after N epochs, e.g. to fit a time limit")
+    g = p.add_argument_group("reading the code")
+    g.add_argument("--plain", nargs="?", const="all", type=trick_names, metavar="TRICKS",
+                   help="turn the speed tricks off and run the textbook version of every step (or only of TRICKS,"
+                        f" comma-separated: {', '.join(tricks.NAMES)}); see nanotune/tricks.py")
     return p
 
 
@@ -196,13 +199,14 @@ def make_batch(task, sequences, label_ids, indices, pad_id, device):
 
 
 def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0, output_weight=None):
-    """The loss summed over the batch's scored tokens (LM) or examples (classification).
-    Given the output layer's weight, the LM loss applies it itself, a chunk of positions at a time,
-    so the (B, T, 50257) logits never exist whole."""
-    if task == "lm" and output_weight is not None:
+    """The forward pass and the loss, summed over the batch's scored tokens (LM) or examples
+    (classification). `output_weight`: GPT-2's output layer, for the loss's fast twin."""
+    if task == "lm" and output_weight is not None and tricks.enabled("chunked_loss"):
+        # The fast twin: the loss applies the output layer itself, a chunk of positions at a time,
+        # so the (B, T, 50257) logits never exist whole (see nanotune/tricks.py).
         hidden = model(batch["input_ids"], batch["attention_mask"], output_layer=False)
-        return output_layer_lm_loss_sum(hidden, output_weight, batch["labels"])[0]
-    logits = model(batch["input_ids"], batch["attention_mask"])
+        return tricks.output_layer_lm_loss_sum(hidden, output_weight, batch["labels"])[0]
+    logits = model(batch["input_ids"], batch["attention_mask"])                  # (B, T, vocab) or (B, labels)
     if task == "lm":
         return causal_lm_loss_sum(logits, batch["labels"])[0]
     return classification_loss(logits, batch["labels"], class_weights, label_smoothing) * batch["labels"].numel()
@@ -263,6 +267,45 @@ def save_model(model, tokenizer, out, lora, args, main_process):
         tokenizer.save(out)
 
 
+def take_output_folder(out, start, model, optimizer, args, main_process, say):
+    """Lock --out (one run per folder), clear what a killed run left half-written, and for a
+    resumed run load the saved state and cut the metrics back to it. Returns where training starts."""
+    distributed.barrier()                                    # every rank has checked --out before rank 0 locks it
+    folder = run_folder.RunFolder(out).claim(start) if main_process else None
+    distributed.barrier()
+    progress = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
+    if start == "resume":
+        progress = load_state(out / "checkpoint", model, optimizer)
+        say(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step']}")
+    elif start == "restart":
+        say(f"note: {out} holds no saved training state yet, so --resume starts the run from the beginning")
+    if main_process:
+        folder.trim_metrics(progress["step"])                # the steps after it are about to be redone
+        record_settings(out, args, start == "resume", say)
+    return progress
+
+
+def report_training(running, bar, log, epoch, step, lr, device):
+    """The mean loss since the last report, on the progress bar and in metrics.jsonl; a loss
+    that is no longer finite stops the run before anything of it is saved."""
+    loss, speed = running.read(device)
+    if not math.isfinite(loss):
+        bar.close()
+        raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
+                            " Lower --lr, keep --max-grad-norm on, or check the data")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+    log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed)
+
+
+def save_and_stop(out, model, optimizer, progress, args, main_process, say, signum):
+    """Ctrl-C or SIGTERM: save the state after this step, so that --resume continues from it."""
+    if main_process and not args.fsdp:
+        save_state(out / "checkpoint", model, optimizer, progress)
+    distributed.barrier()
+    say(f"stopped by signal {signum}: the state is saved; continue with the same command plus --resume")
+    return 128 + signum
+
+
 def record_settings(out, args, resumed, say):
     """OUT/args.json: the run's settings. A resumed run is told which ones it changed."""
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
@@ -280,11 +323,13 @@ def record_settings(out, args, resumed, say):
 
 
 def main(args):
+    if args.plain:
+        tricks.turn_off(args.plain)                          # the textbook version of every step
     device, rank, world = distributed.setup(args.device)     # several ranks when started by torchrun
     main_process = rank == 0                                 # the one that prints and writes
     say = print if main_process else (lambda *a, **k: None)
-    if device.type == "cpu":
-        keep_freed_memory()                                  # each step reuses the last step's memory
+    if device.type == "cpu" and tricks.enabled("keep_freed_memory"):
+        tricks.keep_freed_memory()                           # each step reuses the last step's memory
     torch.manual_seed(args.seed)
 
     # Nothing is written until everything is read and checked: the flags (as they were parsed), the
@@ -320,11 +365,7 @@ def main(args):
     say(f"data: {len(train_examples)} training and {len(val_examples)} validation examples, {sum(map(len, train_ids)):,} training tokens"
         + (f", labels {labels}" if labels else "")
         + (f"; {too_long} examples longer than {max_length} tokens were " + ("split into windows" if task == "lm" else "truncated") if too_long else ""))
-    class_weights = None
-    if args.class_weights == "balanced":      # n / (k * count): each label weighs the same in total
-        counts = Counter(train_labels)
-        class_weights = torch.tensor([len(train_labels) / (len(labels) * counts[k]) if counts[k] else 0.0
-                                      for k in range(len(labels))], device=device)
+    class_weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights == "balanced" else None
 
     # 4. The optimizer and the learning-rate schedule -------------------------------------------
     # AdamW: Adam with weight decay applied to the weights directly, not through the gradient, so
@@ -345,20 +386,9 @@ def main(args):
         with autocast():
             return loss_sum(model, batch, task, class_weights, args.label_smoothing, output_weight)
 
-    # Everything is checked: only now does the run take --out (a lock: one run per folder).
+    # Everything is checked: only now does the run take --out, and resume where it stopped.
     out = Path(args.out)
-    distributed.barrier()                                    # every rank has checked --out before rank 0 locks it
-    folder = run_folder.RunFolder(out).claim(start) if main_process else None
-    distributed.barrier()
-    progress = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
-    if start == "resume":
-        progress = load_state(out / "checkpoint", model, optimizer)
-        say(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step']}")
-    elif start == "restart":
-        say(f"note: {out} holds no saved training state yet, so --resume starts the run from the beginning")
-    if main_process:
-        folder.trim_metrics(progress["step"])                # the steps after it are about to be redone
-        record_settings(out, args, start == "resume", say)
+    progress = take_output_folder(out, start, model, optimizer, args, main_process, say)
     log = MetricsLog(out, enabled=main_process)
     stop = StopSignals()                                     # Ctrl-C / SIGTERM: finish the step, save, stop
 
@@ -374,28 +404,20 @@ def main(args):
                    dynamic_ncols=True, disable=not main_process)
         running = RunningLoss(device)
         for step_in_epoch in bar:
-            # Warm-up: the first steps' gradients come from a head and optimizer state that know
-            # nothing yet; a rate that starts small and grows keeps them from jolting the weights.
+            # Warm-up (--warmup-steps; the chapters use 100 and 500): the first steps' gradients come
+            # from a head and optimizer state that know nothing yet, and a rate that starts small and
+            # grows keeps them from jolting the pre-trained weights. Then the rate decays to 0.
             lr = lr_at(step, args.lr, args.warmup_steps, total_steps, args.lr_schedule)
             micro_batches = [make_batch(task, train_ids, train_labels, idx, tokenizer.pad_id, device) for idx in steps[step_in_epoch]]
             summed, count = train_step(train_model, micro_batches, optimizer, lr, compute_loss, args.max_grad_norm, device)
             step += 1
             running.add(summed, count, micro_batches)
             if step % 10 == 0 or step_in_epoch == len(steps) - 1:   # reading the loss waits for the device: not every step
-                loss, speed = running.read(device)
-                if not math.isfinite(loss):
-                    bar.close()
-                    raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
-                                        " Lower --lr, keep --max-grad-norm on, or check the data")
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
-                log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed)
+                report_training(running, bar, log, epoch, step, lr, device)
             if stop.requested(device):
-                if main_process and not args.fsdp:
-                    save_state(out / "checkpoint", model, optimizer, progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step})
                 bar.close()
-                distributed.barrier()
-                say(f"stopped by signal {stop.received}: the state is saved; continue with the same command plus --resume")
-                return 128 + stop.received
+                where = progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
+                return save_and_stop(out, model, optimizer, where, args, main_process, say, stop.received)
         bar.close()
 
         # 6. Evaluate on held-out data, and keep the best epoch ------------------------------------

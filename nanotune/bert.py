@@ -4,13 +4,14 @@ Module names equal the Hugging Face checkpoint keys (`encoder.layer.0.attention.
 ...), so loading is nearly a straight copy; the differences live in `hub_to_name` below.
 Shapes: B batch, T time, H hidden size, nh heads, hs head size.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import hub
+from . import hub, tricks
 from .dropout import Dropout
 from .errors import NanotuneError
 from .quantize import quantize_while_loading
@@ -90,11 +91,23 @@ class BertSelfAttention(nn.Module):
     def forward(self, x, mask):
         B, T, H = x.shape
         heads = lambda t: t.view(B, T, self.n_head, H // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        # Plain math: softmax((q @ k^T) / sqrt(hs), masked where mask is False) @ v. Not causal:
-        # every token sees every real token, before and after it.
-        y = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-                                           attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        y = attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), mask,
+                      self.dropout_p if self.training else 0.0)                      # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, H)                                    # (B, T, H)
+
+
+def attention(q, k, v, mask, dropout_p):
+    """softmax(q k^T / sqrt(hs)) v. Not causal: every token sees every real token, before and
+    after it, which is what makes BERT's [CLS] vector a summary of the whole text. `mask`
+    (B, 1, 1, T) is False at padding, which no query may look at (None: no padding)."""
+    if tricks.enabled("attention"):
+        return tricks.attention(q, k, v, mask, dropout_p)                 # the same in a fused kernel
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))              # (B, nh, T, T) scores
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))                       # no weight on padding
+    att = F.softmax(att, dim=-1)                                          # each row: weights that sum to 1
+    att = F.dropout(att, dropout_p)                                       # training: drop some weights (0 in eval)
+    return att @ v                                                        # (B, nh, T, hs)
 
 
 class BertOutput(nn.Module):

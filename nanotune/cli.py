@@ -1,7 +1,6 @@
 """What train.py and generate.py share: a parser whose every flag is checked as it is read, help
 text with defaults, and errors for people (one line, exit status 2, no traceback)."""
 import argparse
-import ctypes
 import math
 import sys
 
@@ -95,6 +94,16 @@ def device(name):
     return name
 
 
+def trick_names(value):
+    """--plain's value: "all", or trick names separated by commas (nanotune/tricks.py lists them)."""
+    from . import tricks
+    names = tricks.NAMES if value == "all" else tuple(n.strip() for n in value.split(","))
+    unknown = [n for n in names if n not in tricks.NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: give no value for all tricks, or some of {', '.join(tricks.NAMES)}")
+    return names
+
+
 def default_device():
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,22 +116,3 @@ def run(main, parse_args):
     except NanotuneError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep the memory PyTorch frees, for the next step to reuse (Linux, CPU).
-    By default each block over about 32 MiB (and, until the threshold adapts, over 128 KiB) is an
-    mmap of its own, handed back to the kernel when freed; every training step's fresh activations
-    and gradients then arrive as new pages that the kernel zeroes on first touch: about 270,000 page
-    faults in a bf16 step of GPT-2 124M at 8 x 128 tokens, a sixth of the step. The same cure as
-    running PyTorch on CPU with jemalloc or tcmalloc, with the C library already loaded. The price:
-    the process keeps its peak memory, and a little more (GPT-2 124M in bf16: peak RSS 3,369 MiB
-    instead of 3,290, steady from the fourth step of a 40-step run)."""
-    if not sys.platform.startswith("linux"):
-        return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)     # glibc and musl have it
-    if mallopt is None:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    mallopt(M_MMAP_MAX, 0)                  # every block from the heap, none its own mmap
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)    # and the heap's freed top is kept, not given back

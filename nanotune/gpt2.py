@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import hub
-from .dropout import Dropout, DropoutThenMatmul
+from . import hub, tricks
+from .dropout import Dropout
 from .errors import NanotuneError
 from .quantize import quantize_while_loading
 
@@ -64,7 +64,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_dropout = Dropout(cfg.resid_pdrop)
 
-    def forward(self, x, mask, is_causal, cache=None, layer=0):
+    def forward(self, x, mask, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -72,42 +72,26 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)                              # (B, nh, past + T, hs)
-        if self.training and self.attn_pdrop > 0 and x.device.type == "cpu":
-            # The plain math. (SDPA's fused CPU kernels cannot drop attention weights, and its
-            # fallback keeps two float copies of the (B, nh, T, T) weights for backward.)
-            if mask is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # causal: the past and itself
-            y = causal_attention_with_dropout(q, k, v.contiguous(), mask, self.attn_pdrop)  # (B, nh, T, hs)
-        else:
-            # The same in one fused kernel (no dropout at inference, or dropout fused on GPUs).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = attention(q, k, v, mask, self.attn_pdrop if self.training else 0.0)   # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
-def causal_attention_with_dropout(q, k, v, mask, p, block=256):
-    """softmax(q k^T / sqrt(hs), where mask allows) with dropout, times v, `block` queries at a time.
-
-    The mask is causal, so the queries of one block never look at the keys after the block's last
-    position: each block computes only its own share of the (T, T) scores, and at 1,024 positions
-    the blocks together compute 10/16 of them (measured: one layer's forward and backward at
-    2 x 1,024 tokens, 2.1-2.6 s as one block, 1.3-1.7 s in blocks of 256). Up to `block` positions
-    this is the plain formula."""
-    T, past = q.shape[2], k.shape[2] - q.shape[2]           # keys: `past` cached positions, then these T
-    q = q * (1.0 / math.sqrt(k.size(-1)))                    # scaled here: (T, hs) numbers, not (T, T)
-    # -inf where the mask forbids, added to the scores: an addition's backward is free, a masked_fill's is not
-    forbidden = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    out = []
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        seen = past + end                                    # keys this block of queries may look at
-        att = q[:, :, start:end] @ k[:, :, :seen].transpose(-2, -1) + forbidden[..., start:end, :seen]  # (B, nh, n, seen)
-        # softmax in the scores' own dtype: autocast would make float32 probabilities, only to
-        # cast them back to bf16 for the product with v (it accumulates in float32 either way)
-        att = att.softmax(dim=-1, dtype=att.dtype)
-        out.append(DropoutThenMatmul.apply(att, v[:, :, :seen], p))                     # (B, nh, n, hs)
-    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+def attention(q, k, v, mask, dropout_p):
+    """softmax(q k^T / sqrt(hs)) v: each position's output is an average of the values, weighted
+    by how well its query matches each key. Causal: a position may look at itself and the positions
+    before it, never after (it is trained to predict what comes next). `mask` (B, 1, T, past + T) is
+    True where a query may look, with padding masked too; None means no padding, causal only."""
+    if tricks.enabled("attention"):
+        return tricks.causal_attention(q, k, v, mask, dropout_p)         # the same in fused kernels
+    T, S = q.size(-2), k.size(-2)                                         # S keys: `past` cached, then T
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)   # (T, S): key j <= query i
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))              # (B, nh, T, S) scores
+    att = att.masked_fill(~mask, float("-inf"))                           # no weight on the future or on padding
+    att = F.softmax(att, dim=-1)                                          # each row: weights that sum to 1
+    att = F.dropout(att, dropout_p)                                       # training: drop some weights (0 in eval)
+    return att @ v                                                        # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -133,8 +117,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, is_causal, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mask, is_causal, cache, layer)
+    def forward(self, x, mask, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -156,7 +140,7 @@ class KVCache:
 
 
 def attention_mask_for(attention_mask, T, past, device):
-    """The boolean mask SDPA wants, (B, 1, T, past + T): True where a query may look.
+    """The attention mask, (B, 1, T, past + T): True where a query may look.
 
     `attention_mask` (B, past + T) is 1 for real tokens and 0 for padding. Every position may
     also look at itself, so a padding row is never all False (that would give NaN, and NaN
@@ -197,20 +181,13 @@ class GPT2(nn.Module):
             raise NanotuneError(f"{past + T} tokens do not fit GPT-2's context of {self.config.n_positions} positions: use a shorter input")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]   # (1, T)
-        # No padding and no cache: SDPA's built-in causal mask, the fastest path.
-        # Decoding one token with no padding: it may see everything cached, so no mask at all.
-        if attention_mask is None and past == 0:
-            mask, is_causal = None, True
-        elif attention_mask is None and T == 1:
-            mask, is_causal = None, False
-        else:
-            mask, is_causal = attention_mask_for(attention_mask, T, past, input_ids.device), False
+        mask = None if attention_mask is None else attention_mask_for(attention_mask, T, past, input_ids.device)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, mask, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x, mask, is_causal, cache, i)
+                x = block(x, mask, cache, i)
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x)
@@ -218,7 +195,7 @@ class GPT2(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, output_layer=True):
         """Logits (B, T, vocab_size): at each position, scores for the next token. With
         output_layer=False, the hidden states (B, T, C) instead, for a loss that applies the
-        output layer itself (losses.output_layer_lm_loss_sum)."""
+        output layer itself (tricks.output_layer_lm_loss_sum)."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         return self.lm_head(hidden) if output_layer else hidden
 

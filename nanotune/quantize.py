@@ -4,16 +4,15 @@ A quantized layer stores its weight in 8 or 4 bits and computes in a chosen dtyp
 as it is. Quantized weights cannot be trained directly: train LoRA adapters beside them (QLoRA).
 The output head (`lm_head`, tied to GPT-2's embeddings) and a classifier stay in full precision.
 Layers are swapped while the checkpoint loads, one at a time, so the full-precision copy of at
-most one layer exists at once.
+most one layer exists at once (and tricks.quantize_4bit_by_rows keeps even that one small).
 """
-import ctypes
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from . import tricks
 from .errors import NanotuneError
 
 BLOCK = 64     # 4-bit: weights per block, each block with its own scale (bitsandbytes' default)
@@ -53,7 +52,11 @@ def quantized_linear(linear: nn.Linear, q: QuantConfig):
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=q.compute_dtype,
                                   compress_statistics=q.double_quant, quant_type=q.quant_type, device="meta")
-        packed, state = quantize_4bit_by_rows(linear.weight.data, q)
+        if tricks.enabled("quantize_in_pieces"):
+            packed, state = tricks.quantize_4bit_by_rows(linear.weight.data, q)
+        else:
+            packed, state = bnb.functional.quantize_4bit(linear.weight.data.contiguous(), blocksize=BLOCK,
+                                                         compress_statistics=q.double_quant, quant_type=q.quant_type)
         layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK, bnb_quantized=True,
                                          compress_statistics=q.double_quant, quant_type=q.quant_type, module=layer)
         fits_kernel = linear.in_features % 64 == 0 and linear.out_features % 32 == 0   # its block layout
@@ -61,32 +64,6 @@ def quantized_linear(linear: nn.Linear, q: QuantConfig):
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.to(linear.weight.device)    # 8-bit: bitsandbytes quantizes the weight as it moves to its device
-
-
-def quantize_4bit_by_rows(weight, q: QuantConfig, chunk_weights=2**16):
-    """`bitsandbytes.functional.quantize_4bit(weight)`, some 65,000 weights at a time.
-
-    bitsandbytes quantizes a whole matrix at once and makes several full-size float temporaries
-    on the way (about 60 MB for GPT-2's largest layer), most of the peak memory of a 4-bit
-    load. Each block of 64 consecutive weights is quantized on its own (one scale, its absmax),
-    so row chunks whole blocks long give the same bytes. Double quantization then quantizes all
-    the scales together, minus their mean, to 8 bits in blocks of 256, exactly as bitsandbytes
-    does (tests/test_lora.py compares the two byte for byte)."""
-    functional = _bitsandbytes().functional
-    rows_per_block = BLOCK // math.gcd(weight.shape[1], BLOCK)         # rows that end on a block boundary
-    rows = rows_per_block * max(1, chunk_weights // (weight.shape[1] * rows_per_block))
-    packed, scales = [], []
-    for start in range(0, weight.shape[0], rows):
-        part, state = functional.quantize_4bit(weight[start:start + rows].contiguous(), blocksize=BLOCK, quant_type=q.quant_type)
-        packed.append(part)
-        scales.append(state.absmax)
-    packed, scales = torch.cat(packed), torch.cat(scales)
-    common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=BLOCK, code=state.code, quant_type=q.quant_type)
-    if not q.double_quant:
-        return packed, functional.QuantState(absmax=scales, **common)
-    offset = scales.mean()
-    scales, scales_state = functional.quantize_blockwise(scales - offset, blocksize=256)
-    return packed, functional.QuantState(absmax=scales, offset=offset, state2=scales_state, **common)
 
 
 def dequantized_weight(linear) -> torch.Tensor:
@@ -124,19 +101,9 @@ def quantize_while_loading(model, q: QuantConfig):
                 parent, _, child = module_name.rpartition(".")
                 owner = model.get_submodule(parent)
                 setattr(owner, child, quantized_linear(getattr(owner, child), q))
-                release_freed_memory()
+                if tricks.enabled("quantize_in_pieces"):
+                    tricks.release_freed_memory()
     return after_load
-
-
-def release_freed_memory():
-    """Quantizing a layer makes full-precision temporaries; glibc keeps freed blocks for reuse,
-    but the small quantized tensors allocated between them leave holes no later layer fits, and
-    the process grows by the fp32 size of the model after all. Hand the free memory back to the
-    OS after each layer (glibc only; elsewhere nothing happens)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def parameter_count(model) -> int:

@@ -18,13 +18,13 @@ TRAIN_BAD = {
     "--label-smoothing": ["5", "1", "-0.1"], "--patience": ["0"], "--seed": ["-1", "x", str(2**32)],
     "--quantize": ["2bit"], "--quant-type": ["int4"], "--quantize-skip": [""], "--lora-r": ["-1"],
     "--lora-alpha": ["0", "nan"], "--lora-dropout": ["1.5", "1", "-0.1"], "--lora-targets": [""],
-    "--out": [""], "--stop-after-epochs": ["0"],
+    "--out": [""], "--stop-after-epochs": ["0"], "--plain": ["flash", "attention,flash", ""],
 }
 GENERATE_BAD = {
     "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],
     "--prompt-file": [""], "--max-new-tokens": ["0", "-3"], "--temperature": ["-1", "nan", "inf"], "--top-k": ["-1"],
     "--top-p": ["0", "1.5", "nan"], "--repetition-penalty": ["0", "-1", "nan"], "--stop": [""], "--num-samples": ["0"],
-    "--seed": ["-1"],
+    "--seed": ["-1"], "--plain": ["flash"],
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
 TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--bf16", "--grad-checkpointing", "--fsdp", "--double-quant",

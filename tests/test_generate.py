@@ -5,8 +5,7 @@ import torch
 from conftest import run_cli
 
 from nanotune import GPT2, load_tokenizer
-from nanotune.generation import (PackedLinear, generate, packed_linears, packs, repetition_penalty_, sample,
-                                 top_k_filter, top_p_filter)
+from nanotune.generation import generate, repetition_penalty_, top_k_filter, top_p_filter
 from nanotune.gpt2 import KVCache
 
 PROMPTS = ["My grandmother keeps a spare key", "Why", "The weather forecast said there was a thirty percent chance"]
@@ -28,29 +27,6 @@ def reference_greedy(ref, tok, prompts, n):
     for row in out[:, enc["input_ids"].shape[1]:].tolist():
         results.append(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
     return results
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linears_compute_what_the_plain_ones_do_and_are_put_back(tiny_gpt2, dtype):
-    model = GPT2.from_pretrained(tiny_gpt2, dtype=dtype)
-    layers = [model.transformer.h[0].mlp.c_fc, model.lm_head]
-    if not packs(layers[0], 3):
-        pytest.skip(f"this CPU's PyTorch cannot pack {dtype} weights")
-    steps = [torch.randn(3, 1, layer.in_features, dtype=dtype) for layer in layers]     # a decoding step: 3 rows
-    prompts = [torch.randn(3, 7, layer.in_features, dtype=dtype) for layer in layers]   # another row count
-    plain = [(layer(s), layer(p)) for layer, s, p in zip(layers, steps, prompts)]
-    with torch.inference_mode(), packed_linears(model, 3):
-        assert type(model.transformer.h[0].mlp.c_fc) is PackedLinear and type(model.lm_head) is PackedLinear
-        packed = [(model.transformer.h[0].mlp.c_fc(steps[0]), model.transformer.h[0].mlp.c_fc(prompts[0])),
-                  (model.lm_head(steps[1]), model.lm_head(prompts[1]))]
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2            # bf16 keeps 8 bits of mantissa
-    for (a, b), (c, d) in zip(plain, packed):
-        torch.testing.assert_close(c, a, rtol=tolerance, atol=tolerance)
-        torch.testing.assert_close(d, b, rtol=tolerance, atol=tolerance)
-    assert model.transformer.h[0].mlp.c_fc is layers[0] and model.lm_head is layers[1]
-    with packed_linears(model, 1):
-        # fp32 is not worth packing for one row; bf16 is (its packed weight serves every row count)
-        assert (type(model.lm_head) is PackedLinear) == (dtype == torch.bfloat16)
 
 
 def test_greedy_equals_transformers_alone_and_batched(models):
@@ -82,14 +58,6 @@ def test_sampling_is_reproducible_with_a_seed(models):
                                    generator=torch.Generator().manual_seed(seed))
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
-
-
-def test_sampling_draws_each_token_with_its_probability():
-    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0]).repeat(40_000, 1)
-    tokens = sample(probs, torch.Generator().manual_seed(0))
-    share = torch.bincount(tokens, minlength=5) / len(tokens)
-    assert share[1] == 0 and share[4] == 0                   # impossible tokens never come
-    torch.testing.assert_close(share, probs[0], atol=0.01, rtol=0)
 
 
 def test_top_k_keeps_exactly_k():

@@ -10,7 +10,7 @@ from conftest import ROOT, make_gpt2, run_cli
 
 from nanotune import GPT2, BertClassifier, load_tokenizer
 from nanotune.lora import LoRAConfig, LoRALinear, add_lora, load_adapter, merge_lora
-from nanotune.quantize import QuantConfig, footprint_bytes, quantize_4bit_by_rows
+from nanotune.quantize import QuantConfig, footprint_bytes
 
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 
@@ -147,19 +147,6 @@ before = status("VmRSS:")
 GPT2.from_pretrained(sys.argv[1], quantize=QuantConfig("4bit"))
 print(status("VmHWM:") - before)
 """
-
-
-@pytest.mark.parametrize("shape", [(3072, 768), (50, 100), (7, 96)])
-@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
-def test_4bit_by_rows_is_bitsandbytes_byte_for_byte(shape, quant_type, double_quant):
-    """Quantizing a few rows at a time (to keep loading small) gives the bytes and scales that
-    bitsandbytes gives for the whole matrix, also when rows do not end on a block boundary."""
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    theirs, their_state = quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
-    ours, our_state = quantize_4bit_by_rows(weight, QuantConfig("4bit", quant_type, double_quant), chunk_weights=1000)
-    assert torch.equal(ours, theirs) and torch.equal(our_state.absmax, their_state.absmax)
-    assert torch.equal(dequantize_4bit(ours, our_state), dequantize_4bit(theirs, their_state))
 
 
 def test_4bit_loading_stays_small(tmp_path, bpe_dir, monkeypatch):

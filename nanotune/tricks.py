@@ -1,0 +1,366 @@
+"""The speed tricks: every place where nanotune computes what the textbook code computes, only
+faster or in less memory, gathered in one module.
+
+A reader meets the plain version of each step first, in the model, loss and generation files;
+it hands over to its fast twin here with one `if tricks.enabled(NAME):`. Each twin's docstring
+says what it does and why it may: why the result is the same. tests/test_tricks.py binds every
+twin to its plain version; `python bench/tricks.py` measures what each one buys, and
+bench/README.md keeps the figures.
+
+| name              | plain version (where a reader meets it)                       | fast twin (here)                |
+|-------------------|---------------------------------------------------------------|---------------------------------|
+| dropout_mask      | F.dropout (dropout.Dropout)                                   | dropout: a 1-byte mask from numpy's PCG64 |
+| attention         | attention() in gpt2.py and bert.py: scores, mask, softmax, dropout, times v | causal_attention, attention: PyTorch's fused kernel; on CPU with dropout, blocks of queries and DropoutThenMatmul |
+| chunked_loss      | losses.causal_lm_loss_sum over the full logits                | output_layer_lm_loss_sum: the output layer a chunk of positions at a time |
+| kv_cache          | generation.generate: the whole sequence through the model for every new token | generation.generate_with_cache |
+| packed_weights    | nn.Linear while decoding                                      | PackedLinear: weights packed once for the CPU's matrix product |
+| fast_sampling     | torch.multinomial                                             | sample: inverse transform sampling |
+| keep_freed_memory | the C library's malloc as it is                               | keep_freed_memory: each step reuses the last step's memory |
+| quantize_in_pieces | bitsandbytes' quantize_4bit on a whole matrix                | quantize_4bit_by_rows, and freed memory handed back after each quantized layer |
+
+`python train.py --plain` and `python generate.py --plain` turn every trick off (`--plain
+attention,chunked_loss` only those); from Python, `with nanotune.plain(): ...`.
+"""
+import ctypes
+import math
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NAMES = ("dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "fast_sampling",
+         "keep_freed_memory", "quantize_in_pieces")
+_off = set()            # the tricks turned off in this process
+
+
+def enabled(name) -> bool:
+    return name not in _off
+
+
+def _checked(names):
+    names = NAMES if names is None else tuple(names)
+    unknown = set(names) - set(NAMES)
+    if unknown:
+        raise ValueError(f"no trick named {', '.join(sorted(unknown))}; the tricks are {', '.join(NAMES)}")
+    return names
+
+
+def turn_off(names=None):
+    """Turn tricks off for the rest of the process (all of them by default): what `--plain` does."""
+    _off.update(_checked(names))
+
+
+@contextmanager
+def plain(names=None):
+    """Inside the block, the textbook version of every step runs (or of the tricks named)."""
+    before = set(_off)
+    turn_off(names)
+    try:
+        yield
+    finally:
+        _off.clear()
+        _off.update(before)
+
+
+# ---- dropout_mask ------------------------------------------------------------------------------
+
+LEVELS = 65536     # 16-bit uniform numbers
+
+
+def keep_mask(shape, p, device):
+    """1 (keep) with probability 1 - p, else 0, as uint8; and the scale 1 / (1 - p) for what is kept.
+
+    Why it is faster: PyTorch's CPU dropout draws a float32 mask with `bernoulli_`, one number at a
+    time from its Mersenne Twister, and keeps that 4-byte mask for backward. numpy's PCG64 makes the
+    random bits in bulk, each 16 bits compared with p's threshold, and the kept mask is 1 byte.
+    Why it is the same: each element is kept with probability 1 - p', where p is rounded to a
+    multiple of 1/65,536 (0.1 becomes 0.100006), and kept values are scaled by exactly 1 / (1 - p'),
+    so the expected activation is unchanged. PCG64 is seeded by one draw from torch's generator, so
+    `torch.manual_seed`, gradient checkpointing's recompute and a resumed run see the same masks.
+    uint8 rather than bool: a float tensor times a uint8 one runs a vectorized kernel; a bool
+    operand (or masked_fill) takes a slower path."""
+    n = math.prod(shape)
+    drop_levels = round(p * LEVELS)
+    seed = torch.randint(2**63 - 1, (), dtype=torch.int64).item()     # torch's generator decides
+    bits = np.random.PCG64(seed).random_raw((n + 3) // 4)               # 64 random bits each
+    keep = bits.view(np.int16)[:n] >= drop_levels - LEVELS // 2         # uniform over [-32768, 32767]
+    return torch.from_numpy(keep.view(np.uint8)).view(shape).to(device), LEVELS / (LEVELS - drop_levels)
+
+
+def dropout(x, p):
+    """F.dropout(x, p) in training, on CPU, with the mask above. (On GPUs PyTorch's fused kernel
+    already keeps a 1-byte mask, and p near 1 would lose precision to the 16-bit levels.)"""
+    if x.device.type != "cpu" or p > 0.99:
+        return F.dropout(x, p, True)
+    keep, scale = keep_mask(x.shape, p, x.device)
+    return (x * keep).mul_(scale)             # the product keeps only the 1-byte mask for backward
+
+
+class DropoutThenMatmul(torch.autograd.Function):
+    """dropout(probs) @ v, for attention on CPU. Backward needs the dropped probabilities; rather
+    than keep them (another (B, nh, T, T) float tensor per layer), it keeps the probabilities,
+    which softmax keeps for its own backward anyway, and the 1-byte mask, and drops again. The
+    scale 1 / (1 - p) multiplies the (B, nh, T, hs) products, not the (B, nh, T, T) weights: the
+    same numbers, since scaling commutes with the product."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, probs, v, p):
+        keep, ctx.scale = keep_mask(probs.shape, p, probs.device)      # (B, nh, T, T)
+        ctx.save_for_backward(probs, keep, v)
+        return ((probs * keep) @ v).mul_(ctx.scale)                     # (B, nh, T, hs)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_y):
+        probs, keep, v = ctx.saved_tensors
+        grad_y = grad_y * ctx.scale                                       # (B, nh, T, hs)
+        grad_probs = (grad_y @ v.transpose(-2, -1)).mul_(keep)
+        grad_v = (probs * keep).transpose(-2, -1) @ grad_y
+        return grad_probs, grad_v, None
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+def causal_mask(T, S, device):
+    """(T, S): query i (the last T of S positions) may look at key j when j <= i."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+def causal_attention(q, k, v, mask, dropout_p):
+    """gpt2.attention in fused kernels: the same softmax(q k^T / sqrt(hs), masked) v.
+
+    PyTorch's scaled_dot_product_attention never materialises the (T, T) weights when it can
+    avoid it, and with no padding it applies the causal mask itself (`is_causal`), or none at all
+    for one new token that may see everything cached. Its CPU kernels cannot drop attention
+    weights, though, and its fallback for dropout keeps two float copies of the weights for
+    backward; training on CPU with dropout therefore takes `causal_attention_in_blocks`."""
+    T, S = q.shape[2], k.shape[2]
+    if dropout_p > 0 and q.device.type == "cpu":
+        return causal_attention_in_blocks(q, k, v.contiguous(), causal_mask(T, S, q.device) if mask is None else mask, dropout_p)
+    if mask is None and T not in (1, S):
+        mask = causal_mask(T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T == S > 1, dropout_p=dropout_p)
+
+
+def causal_attention_in_blocks(q, k, v, mask, p, block=256):
+    """softmax(q k^T / sqrt(hs), where mask allows) with dropout, times v, `block` queries at a time.
+
+    The mask is causal, so the queries of one block never look at the keys after the block's last
+    position: each block computes only its own share of the (T, T) scores (at 1,024 positions the
+    blocks together compute 10/16 of them). Up to `block` positions this is one block. On the way:
+    q is scaled by 1/sqrt(hs) before the product ((T, hs) numbers, not (T, T)); forbidden keys get
+    an added -inf (an addition's backward is free, a masked_fill's is not), which softmax turns
+    into the same zero weight; softmax runs in the scores' own dtype (under autocast, float32
+    probabilities would only be cast back to bf16 for the product with v)."""
+    T, past = q.shape[2], k.shape[2] - q.shape[2]           # keys: `past` cached positions, then these T
+    q = q * (1.0 / math.sqrt(k.size(-1)))
+    forbidden = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        seen = past + end                                    # keys this block of queries may look at
+        att = q[:, :, start:end] @ k[:, :, :seen].transpose(-2, -1) + forbidden[..., start:end, :seen]  # (B, nh, n, seen)
+        att = att.softmax(dim=-1, dtype=att.dtype)
+        out.append(DropoutThenMatmul.apply(att, v[:, :, :seen], p))                     # (B, nh, n, hs)
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
+def attention(q, k, v, mask, dropout_p):
+    """bert.attention in PyTorch's fused kernel: the same softmax(q k^T / sqrt(hs), masked) v."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# ---- chunked_loss ------------------------------------------------------------------------------
+
+class _OutputLayerCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross-entropy(hidden @ weight.T, labels), computed a chunk of rows at a
+    time, with the gradients worked out on the way (d loss / d logits = softmax - one-hot), so the
+    full (rows, vocab) logits and their gradient never exist at once. The matrix products run in
+    `dtype` (bf16 under autocast), softmax and the sum in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk, dtype):
+        # Cast once here, not once per chunk and product as autocast would (the weight is 50,257 x C).
+        hidden_lp, weight_lp = hidden.to(dtype), weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden_lp)
+        grad_weight = None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden_lp[start:start + chunk], labels[start:start + chunk]
+            logits = (h @ weight_lp.t()).float()                         # (n, V)
+            scored = (y != -100)
+            y = y.clamp(min=0)
+            target = logits.gather(1, y[:, None])                        # (n, 1): logit of the true token
+            top = logits.amax(dim=-1, keepdim=True)                      # (n, 1): so that exp cannot overflow
+            grad = logits.sub_(top).exp_()                               # in place of the logits
+            norm = grad.sum(dim=-1, keepdim=True)                        # (n, 1)
+            # cross-entropy = logsumexp(logits) - logit of the true token
+            total += ((top + norm.log() - target).squeeze(1) * scored).sum()
+            grad.div_(norm)                                              # softmax
+            grad[torch.arange(len(y), device=y.device), y] -= 1.0        # minus the one-hot target
+            grad = grad.mul_(scored[:, None]).to(dtype)                  # ignored rows add nothing
+            grad_hidden[start:start + chunk] = grad @ weight_lp
+            if not weight.requires_grad:
+                continue
+            if grad_weight is None:
+                grad_weight = (grad.t() @ h).to(weight.dtype)            # (V, C)
+            elif dtype == weight.dtype:
+                grad_weight.addmm_(grad.t(), h)                          # in place: no (V, C) temporary
+            else:   # a slice at a time: no (V, C) fp32 temporary for the cast
+                for acc, part in zip(grad_weight.split(4096), (grad.t() @ h).split(4096)):
+                    acc += part
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in place: no second (V, C) tensor. (Autograd counts versions, so a second backward
+        # through this graph would raise instead of reusing the scaled values.)
+        if grad_weight is not None:
+            grad_weight.mul_(grad_total)
+        return grad_hidden.mul_(grad_total), grad_weight, None, None, None
+
+
+def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
+    """losses.causal_lm_loss_sum(hidden @ weight.T, labels) without ever holding all the logits.
+
+    GPT-2's output layer maps each position to 50,257 scores; the logits of a batch, their fp32
+    copy, the log-softmax and its gradient are each as large as the rest of the step's activations.
+    Here they exist for `chunk` positions at a time. The same sum and the same gradients: each
+    row's cross-entropy depends on its own logits only, and d loss / d logits is softmax minus the
+    one-hot target, which is what autograd computes through the plain version."""
+    from .losses import next_token_labels
+    labels = next_token_labels(labels)                                   # (B, T): the token that came next
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    total = _OutputLayerCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, dtype)
+    return total, (labels != -100).sum()
+
+
+# ---- packed_weights ------------------------------------------------------------------------------
+
+class PackedLinear(nn.Module):
+    """An nn.Linear for decoding on CPU, with its weight packed once into the layout the matrix
+    product works in. A plain product re-arranges the weight at every call, and when a decoding
+    step multiplies it by a few rows only, that re-arranging is most of the cost. The same
+    product, in the same kernels' arithmetic.
+
+    fp32 goes through MKL, packed for one row count (packing takes time and a second copy of the
+    weights, so fp32 packs only for batches of more than one sequence); inputs with another number
+    of rows (the prompt) use the plain weight. bf16 goes through oneDNN, whose packed weight serves
+    any row count, so it packs at batch 1 too."""
+
+    def __init__(self, linear, rows):
+        super().__init__()
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        if linear.weight.dtype == torch.float32:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight)
+
+    def forward(self, x):
+        if self.weight.dtype == torch.float32:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def packs(linear, rows):
+    """Whether PackedLinear pays for this layer: a plain (not quantized, which are nn.Linear
+    subclasses) CPU layer, fp32 with MKL for batches > 1, or bf16 where oneDNN supports it."""
+    if type(linear) is not nn.Linear or linear.weight.device.type != "cpu":
+        return False
+    if linear.weight.dtype == torch.float32:
+        return rows > 1 and torch.backends.mkl.is_available()
+    return (linear.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextmanager
+def packed_linears(model, rows):
+    """Swap the model's linear layers for PackedLinear ones while decoding `rows` sequences, where
+    that pays (see `packs`), and put the originals back afterwards."""
+    swapped = [(parent, name, child) for parent in list(model.modules())
+               for name, child in parent.named_children() if packs(child, rows)]
+    for parent, name, child in swapped:
+        setattr(parent, name, PackedLinear(child, rows))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+# ---- fast_sampling -------------------------------------------------------------------------------
+
+def sample(probs, generator=None):
+    """torch.multinomial(probs, 1), drawn differently: the first token whose cumulative probability
+    exceeds a uniform random number (inverse transform sampling). Each token comes with its own
+    probability, as from torch.multinomial, but from one cumulative sum and a binary search per row
+    instead of multinomial's slower CPU path. (The same seed gives other tokens than multinomial's.)"""
+    cdf = probs.cumsum(dim=-1)                                                         # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+# ---- keep_freed_memory ---------------------------------------------------------------------------
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep the memory PyTorch frees, for the next step to reuse (Linux, CPU).
+
+    By default each block over about 32 MiB (and, until the threshold adapts, over 128 KiB) is an
+    mmap of its own, handed back to the kernel when freed; every training step's fresh activations
+    and gradients then arrive as new pages that the kernel zeroes on first touch (a page fault per
+    4 KiB). The same cure as running PyTorch on CPU with jemalloc or tcmalloc, with the C library
+    already loaded. Nothing computed changes; the price is that the process keeps its peak memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)     # glibc and musl have it
+    if mallopt is None:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)                  # every block from the heap, none its own mmap
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)    # and the heap's freed top is kept, not given back
+
+
+# ---- quantize_in_pieces --------------------------------------------------------------------------
+
+def quantize_4bit_by_rows(weight, q, chunk_weights=2**16):
+    """`bitsandbytes.functional.quantize_4bit(weight)`, some 65,000 weights at a time.
+
+    bitsandbytes quantizes a whole matrix at once and makes several full-size float temporaries on
+    the way, most of the peak memory of a 4-bit load. Each block of 64 consecutive weights is
+    quantized on its own (one scale, its absmax), so row chunks whole blocks long give the same
+    bytes. Double quantization then quantizes all the scales together, minus their mean, to 8 bits
+    in blocks of 256, exactly as bitsandbytes does."""
+    from .quantize import BLOCK, _bitsandbytes
+    functional = _bitsandbytes().functional
+    rows_per_block = BLOCK // math.gcd(weight.shape[1], BLOCK)         # rows that end on a block boundary
+    rows = rows_per_block * max(1, chunk_weights // (weight.shape[1] * rows_per_block))
+    packed, scales = [], []
+    for start in range(0, weight.shape[0], rows):
+        part, state = functional.quantize_4bit(weight[start:start + rows].contiguous(), blocksize=BLOCK, quant_type=q.quant_type)
+        packed.append(part)
+        scales.append(state.absmax)
+    packed, scales = torch.cat(packed), torch.cat(scales)
+    common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=BLOCK, code=state.code, quant_type=q.quant_type)
+    if not q.double_quant:
+        return packed, functional.QuantState(absmax=scales, **common)
+    offset = scales.mean()
+    scales, scales_state = functional.quantize_blockwise(scales - offset, blocksize=256)
+    return packed, functional.QuantState(absmax=scales, offset=offset, state2=scales_state, **common)
+
+
+def release_freed_memory():
+    """Hand the free memory back to the OS after each quantized layer (glibc; elsewhere nothing).
+    Quantizing makes full-precision temporaries; glibc keeps freed blocks for reuse, but the small
+    quantized tensors allocated between them leave holes no later layer fits, and the process would
+    grow by the fp32 size of the model after all."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -46,6 +46,18 @@ def timed(fn, repeat=1):
     return best
 
 
+def matmul_peak(dtype):
+    """FLOP/s of a 2,048 x 2,048 matrix product in `dtype`: this machine's speed right now. Its speed
+    drifts (up to 3x on a shared machine), so every table is reported with the peak of its run."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048 ** 3 * n / (time.perf_counter() - start)
+
+
 def peak_rss_mib():
     """Peak resident memory of this process so far (VmHWM), in MiB."""
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024

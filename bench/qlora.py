@@ -29,7 +29,7 @@ def load_nanotune(folder, mode):
 
 
 def step_nanotune(model, optimizer, ids):
-    from nanotune.losses import output_layer_lm_loss_sum
+    from nanotune.tricks import output_layer_lm_loss_sum
     total, count = output_layer_lm_loss_sum(model(ids, output_layer=False), model.lm_head.weight, ids)
     (total / count).backward()
     optimizer.step()
@@ -61,7 +61,7 @@ def worker(impl, mode, size, steps):
         _bitsandbytes()              # both sides import bitsandbytes before the measured load
     import transformers  # noqa: F401  (imported by both, so neither pays for it inside the measurement)
     if impl == "nanotune":
-        from nanotune.cli import keep_freed_memory
+        from nanotune.tricks import keep_freed_memory
         keep_freed_memory()          # as train.py does on CPU
     ids = torch.randint(0, 50000, (8, 128), generator=torch.Generator().manual_seed(0))
     reset_peak_rss()

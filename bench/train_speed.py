@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from common import checkpoint, peak_rss_mib, report, timed
+from common import checkpoint, matmul_peak, peak_rss_mib, report, timed
 
 
 def batches(n, batch, T, vocab, seed=0):
@@ -28,9 +28,8 @@ def batches(n, batch, T, vocab, seed=0):
 
 def run_nanotune(folder, data, bf16, dropout=True, checkpointing=False):
     from nanotune import GPT2
-    from nanotune.losses import output_layer_lm_loss_sum
     from nanotune.optim import make_optimizer
-    from nanotune.cli import keep_freed_memory
+    from nanotune.tricks import keep_freed_memory, output_layer_lm_loss_sum
     keep_freed_memory()                    # as train.py does on CPU
     model = GPT2.from_pretrained(folder).train()
     model.gradient_checkpointing = checkpointing
@@ -95,16 +94,6 @@ def run_trainer(folder, data, bf16):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses, times
-
-
-def matmul_peak(dtype):
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start, n = time.perf_counter(), 10
-    for _ in range(n):
-        a @ b
-    return 2 * 2048 ** 3 * n / (time.perf_counter() - start)
 
 
 def matmul_floor(config, batch, T, dtype, repeat=3):

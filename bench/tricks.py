@@ -128,7 +128,7 @@ def main():
                 rows.append([setting if job == "train" else f"batch {setting}", label, r["per_s"], r["peak_rss_mib"], f"{r['per_s'] / on:.2f}x"])
         title = "Training step, GPT-2 %s, 8 x 128 tokens" % size if job == "train" else "Decoding with sampling, GPT-2 %s, 16 + %d tokens" % (size, 8 if args.quick else 64)
         report(title, ["", "tricks", unit, "peak RSS MiB", "speed vs all on"], rows, {"matmul_peak_gflops": peaks})
-    rows = [["4-bit load", label, best["load", "4bit", label]["seconds"], best["load", "4bit", label]["peak_rss_mib"]]
+    rows = [["4-bit load", label, f'{best["load", "4bit", label]["seconds"]:.2f}', best["load", "4bit", label]["peak_rss_mib"]]
             for label, _ in configurations("load")]
     report(f"Loading GPT-2 {size} in 4 bits", ["", "tricks", "seconds", "peak RSS MiB"], rows, {"matmul_peak_gflops": peaks})
     print(f"\n{peak_note}")

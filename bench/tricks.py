@@ -5,7 +5,7 @@
 Three tables, on the GPT-2 124M architecture (random weights, Hub layout):
 - a training step, 8 x 128 tokens, fp32 and bf16 autocast: tokens/s and peak resident memory;
 - decoding with sampling (top-k 50, temperature 0.8), 64 new tokens after a 16-token prompt,
-  batch 1 and batch 8: new tokens/s and peak memory;
+  batch 1 and batch 8, fp32 and bf16 weights: new tokens/s and peak memory;
 - a 4-bit load: seconds and peak memory.
 Each configuration runs in its own process (the malloc setting and the peak memory are per
 process); the configurations take turns for `--rounds` rounds and each one's best round counts,
@@ -53,10 +53,10 @@ def train_worker(folder, dtype, steps):
     return {"per_s": 8 * 128 * len(steady) / sum(steady)}
 
 
-def decode_worker(folder, batch, new_tokens):
+def decode_worker(folder, batch, dtype, new_tokens):
     from nanotune import GPT2
     from nanotune.generation import generate
-    model = GPT2.from_pretrained(folder)
+    model = GPT2.from_pretrained(folder, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     prompts = torch.randint(0, 50000, (batch, 16), generator=torch.Generator().manual_seed(batch)).tolist()
     run = lambda n: generate(model, prompts, n, 50256, None, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(0))
     run(2)                                        # warm up
@@ -85,7 +85,8 @@ def worker(job, off, size, setting, quick):
     if job == "train":
         result = train_worker(folder, setting, 4 if quick else 6)
     elif job == "decode":
-        result = decode_worker(folder, int(setting), 8 if quick else 64)
+        batch, dtype = setting.split()
+        result = decode_worker(folder, int(batch), dtype, 8 if quick else 64)
     else:
         result = load_worker(folder)
     print(json.dumps(result | {"peak_rss_mib": peak_rss_mib()}))
@@ -95,6 +96,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny model, fewer steps and tokens")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--jobs", nargs="+", choices=list(TABLES), default=list(TABLES), help="which tables to measure")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     size = "tiny" if args.quick else "124M"
@@ -103,7 +105,8 @@ def main():
         return worker(job, json.loads(off), size, setting, args.quick)
     checkpoint(size)
     peaks = {"fp32": matmul_peak(torch.float32) / 1e9, "bf16": matmul_peak(torch.bfloat16) / 1e9}
-    jobs = [("train", "fp32"), ("train", "bf16"), ("decode", "1"), ("decode", "8"), ("load", "4bit")]
+    jobs = [(job, setting) for job, setting in (("train", "fp32"), ("train", "bf16"), ("decode", "1 fp32"), ("decode", "8 fp32"),
+                                                 ("decode", "1 bf16"), ("decode", "8 bf16"), ("load", "4bit")) if job in args.jobs]
     best = {}
     for _ in range(args.rounds):
         for job, setting in jobs:
@@ -119,18 +122,21 @@ def main():
                     best[key] = r
                 print(key, r, flush=True)
     peak_note = f"matmul peak in this run: fp32 {peaks['fp32']:,.0f} GFLOP/s, bf16 {peaks['bf16']:,.0f} GFLOP/s"
-    for job, unit, settings in (("train", "tokens/s", ("fp32", "bf16")), ("decode", "new tokens/s", ("1", "8"))):
+    for job, unit, settings in (("train", "tokens/s", ("fp32", "bf16")), ("decode", "new tokens/s", ("1 fp32", "8 fp32", "1 bf16", "8 bf16"))):
+        if job not in args.jobs:
+            continue
         rows = []
         for setting in settings:
             on = best[job, setting, "all tricks on"]["per_s"]
             for label, _ in configurations(job):
                 r = best[job, setting, label]
-                rows.append([setting if job == "train" else f"batch {setting}", label, r["per_s"], r["peak_rss_mib"], f"{r['per_s'] / on:.2f}x"])
+                rows.append([setting if job == "train" else "batch {}, {}".format(*setting.split()), label, r["per_s"], r["peak_rss_mib"], f"{r['per_s'] / on:.2f}x"])
         title = "Training step, GPT-2 %s, 8 x 128 tokens" % size if job == "train" else "Decoding with sampling, GPT-2 %s, 16 + %d tokens" % (size, 8 if args.quick else 64)
         report(title, ["", "tricks", unit, "peak RSS MiB", "speed vs all on"], rows, {"matmul_peak_gflops": peaks})
-    rows = [["4-bit load", label, f'{best["load", "4bit", label]["seconds"]:.2f}', best["load", "4bit", label]["peak_rss_mib"]]
-            for label, _ in configurations("load")]
-    report(f"Loading GPT-2 {size} in 4 bits", ["", "tricks", "seconds", "peak RSS MiB"], rows, {"matmul_peak_gflops": peaks})
+    if "load" in args.jobs:
+        rows = [["4-bit load", label, f'{best["load", "4bit", label]["seconds"]:.2f}', best["load", "4bit", label]["peak_rss_mib"]]
+                for label, _ in configurations("load")]
+        report(f"Loading GPT-2 {size} in 4 bits", ["", "tricks", "seconds", "peak RSS MiB"], rows, {"matmul_peak_gflops": peaks})
     print(f"\n{peak_note}")
 
 

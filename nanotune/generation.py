@@ -69,25 +69,30 @@ def record(tokens, new, finished, eos_id, on_token):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.0, top_k=None, top_p=None,
-             repetition_penalty=1.0, generator=None, on_token=None):
+             repetition_penalty=1.0, generator=None, on_token=None, on_step=None):
     """Continue each prompt (a list of token ids). Returns the new tokens of each, without the EOS.
 
     `on_token(i, new_ids)` is called after every new token of sequence i (to stream it, or to look
     for a stop string) and may return True to end that sequence. Generation also stops at EOS,
-    after `max_new_tokens`, or when the model's context is full."""
+    after `max_new_tokens`, or when the model's context is full. `on_step(logits, seen, tokens)`,
+    if given, sees every step: the model's logits (B, V) before any filter, the tokens seen so far
+    (B, V; None without a repetition penalty) and the tokens picked (B,)."""
     if tricks.enabled("kv_cache"):
         return generate_with_cache(model, prompts, max_new_tokens, pad_id, eos_id, temperature, top_k, top_p,
-                                   repetition_penalty, generator, on_token)
+                                   repetition_penalty, generator, on_token, on_step)
     device = model.lm_head.weight.device
     ids, mask = (t.to(device) for t in pad(prompts, pad_id, side="left"))             # (B, T)
     new, finished = [[] for _ in prompts], [False] * len(prompts)
     for _ in range(min(max_new_tokens, model.config.n_positions - ids.shape[1])):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)                  # left padding: count from the first real token
         logits = model(ids, mask, positions)[:, -1].float()            # the whole text again; scores for what comes next
+        seen = None
         if repetition_penalty != 1.0:
             seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, mask.bool())
-            logits = repetition_penalty_(logits, seen, repetition_penalty)
-        token = next_tokens(logits, temperature, top_k, top_p, generator)           # (B,)
+        token = next_tokens(repetition_penalty_(logits, seen, repetition_penalty) if seen is not None else logits,
+                            temperature, top_k, top_p, generator)                  # (B,)
+        if on_step is not None:
+            on_step(logits, seen, token)
         record(token, new, finished, eos_id, on_token)
         if all(finished):
             break
@@ -97,13 +102,13 @@ def generate(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.
 
 
 def generate_with_cache(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.0, top_k=None, top_p=None,
-                        repetition_penalty=1.0, generator=None, on_token=None):
+                        repetition_penalty=1.0, generator=None, on_token=None, on_step=None):
     """`generate`, with a key/value cache (the `kv_cache` trick, see nanotune/tricks.py).
 
     The keys and values of the positions already seen do not change when a token is appended (a
     position only looks back), so they are kept (gpt2.KVCache) and each step feeds only the newest
     token through the model: a step costs one position instead of the whole text. The same logits,
-    up to rounding. On CPU the linear layers are also packed once for the decoding steps
+    up to rounding. On CPU, bf16 linear layers are also packed once for the decoding steps
     (tricks.packed_linears)."""
     device = model.lm_head.weight.device
     B = len(prompts)
@@ -116,15 +121,16 @@ def generate_with_cache(model, prompts, max_new_tokens, pad_id, eos_id=None, tem
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, input_ids, attention_mask.bool())
     new, finished = [[] for _ in range(B)], [False] * B
-    packing = tricks.packed_linears(model, B) if tricks.enabled("packed_weights") else nullcontext()
+    packing = tricks.packed_linears(model) if tricks.enabled("packed_weights") else nullcontext()
     with torch.inference_mode(), packing:
         # The prompt in one forward pass fills the cache; only the last position's logits are needed.
         hidden = model.hidden_states(input_ids, attention_mask if padded else None, position_ids, cache)
         logits = model.lm_head(hidden[:, -1]).float()                                            # (B, V)
         for step in range(max_new_tokens):
-            if repetition_penalty != 1.0:
-                logits = repetition_penalty_(logits, seen, repetition_penalty)
-            token = next_tokens(logits, temperature, top_k, top_p, generator)                     # (B,)
+            penalised = repetition_penalty_(logits, seen, repetition_penalty) if repetition_penalty != 1.0 else logits
+            token = next_tokens(penalised, temperature, top_k, top_p, generator)                  # (B,)
+            if on_step is not None:
+                on_step(logits, seen if repetition_penalty != 1.0 else None, token)
             token = token.masked_fill(torch.tensor(finished, device=device), pad_id)  # finished rows idle on padding
             record(token, new, finished, eos_id, on_token)
             if all(finished) or step == max_new_tokens - 1:

@@ -13,7 +13,7 @@ bench/README.md keeps the figures.
 | attention         | attention() in gpt2.py and bert.py: scores, mask, softmax, dropout, times v | causal_attention, attention: PyTorch's fused kernel; on CPU with dropout, blocks of queries and DropoutThenMatmul |
 | chunked_loss      | losses.causal_lm_loss_sum over the full logits                | output_layer_lm_loss_sum: the output layer a chunk of positions at a time |
 | kv_cache          | generation.generate: the whole sequence through the model for every new token | generation.generate_with_cache |
-| packed_weights    | nn.Linear while decoding                                      | PackedLinear: weights packed once for the CPU's matrix product |
+| packed_weights    | nn.Linear while decoding (bf16)                               | PackedLinear: weights packed once for the CPU's matrix product |
 | fast_sampling     | torch.multinomial                                             | sample: inverse transform sampling |
 | keep_freed_memory | the C library's malloc as it is                               | keep_freed_memory: each step reuses the last step's memory |
 | quantize_in_pieces | bitsandbytes' quantize_4bit on a whole matrix                | quantize_4bit_by_rows, and freed memory handed back after each quantized layer |
@@ -245,49 +245,37 @@ def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
 # ---- packed_weights ------------------------------------------------------------------------------
 
 class PackedLinear(nn.Module):
-    """An nn.Linear for decoding on CPU, with its weight packed once into the layout the matrix
-    product works in. A plain product re-arranges the weight at every call, and when a decoding
-    step multiplies it by a few rows only, that re-arranging is most of the cost. The same
-    product, in the same kernels' arithmetic.
+    """A bf16 nn.Linear for decoding on CPU, with its weight packed once (by oneDNN) into the layout
+    the matrix product works in. A plain product re-arranges the weight at every call, and when a
+    decoding step multiplies it by a few rows only, that re-arranging is most of the cost. The same
+    product, in the same kernel's arithmetic; the packed weight serves any number of rows.
+    (fp32 weights are not packed: MKL's packed fp32 product measured no faster here, and it doubles
+    the memory the weights take; see bench/README.md.)"""
 
-    fp32 goes through MKL, packed for one row count (packing takes time and a second copy of the
-    weights, so fp32 packs only for batches of more than one sequence); inputs with another number
-    of rows (the prompt) use the plain weight. bf16 goes through oneDNN, whose packed weight serves
-    any row count, so it packs at batch 1 too."""
-
-    def __init__(self, linear, rows):
+    def __init__(self, linear):
         super().__init__()
-        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
-        if linear.weight.dtype == torch.float32:
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
-        else:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight)
 
     def forward(self, x):
-        if self.weight.dtype == torch.float32:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def packs(linear, rows):
-    """Whether PackedLinear pays for this layer: a plain (not quantized, which are nn.Linear
-    subclasses) CPU layer, fp32 with MKL for batches > 1, or bf16 where oneDNN supports it."""
-    if type(linear) is not nn.Linear or linear.weight.device.type != "cpu":
-        return False
-    if linear.weight.dtype == torch.float32:
-        return rows > 1 and torch.backends.mkl.is_available()
-    return (linear.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def packs(linear):
+    """Whether PackedLinear serves this layer: a plain (not quantized, which are nn.Linear
+    subclasses) bf16 CPU layer, where oneDNN supports bf16."""
+    return (type(linear) is nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @contextmanager
-def packed_linears(model, rows):
-    """Swap the model's linear layers for PackedLinear ones while decoding `rows` sequences, where
-    that pays (see `packs`), and put the originals back afterwards."""
+def packed_linears(model):
+    """Swap the model's bf16 linear layers for PackedLinear ones while decoding, and put the
+    originals back afterwards."""
     swapped = [(parent, name, child) for parent in list(model.modules())
-               for name, child in parent.named_children() if packs(child, rows)]
+               for name, child in parent.named_children() if packs(child)]
     for parent, name, child in swapped:
-        setattr(parent, name, PackedLinear(child, rows))
+        setattr(parent, name, PackedLinear(child))
     try:
         yield
     finally:

@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotune import NanotuneError, distributed, load_tokenizer, run_folder, tricks
+from nanotune import NanotuneError, distributed, hub, load_tokenizer, run_folder, tricks
 from nanotune.checkpoint import StopSignals, load_state, save_state
 from nanotune.cli import ArgumentParser, device, number, run, text, trick_names, whole_number
-from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, read_examples, split
+from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, read_examples, split, truncate
 from nanotune.hub import write_json
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
 from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
-from nanotune.metrics import MetricsLog, RunningLoss, accuracy_and_macro_f1
+from nanotune.evaluate import classification_report
+from nanotune.fidelity import layer_errors, summary
+from nanotune.metrics import MetricsLog, RunningLoss
 from nanotune.models import TASKS, check_tokenizer_fits, load_model, model_type
 from nanotune.optim import freeze, lr_at, make_optimizer
 from nanotune.quantize import QuantConfig, footprint_bytes, parameter_count
@@ -186,7 +188,7 @@ def tokenize(examples, tokenizer, task, max_length, labels, packed):
     if unknown:
         raise NanotuneError(f"labels never seen in training: {', '.join(unknown)}; the model knows {', '.join(labels)}")
     too_long = sum(len(s) > max_length for s in ids)
-    sequences = [s if len(s) <= max_length else s[:max_length - 1] + s[-1:] for s in ids]   # keep the final [SEP]
+    sequences = [truncate(s, max_length) for s in ids]
     return sequences, [labels.index(e["label"]) for e in examples], too_long
 
 
@@ -255,7 +257,8 @@ def evaluate(model, task, sequences, label_ids, batch_size, pad_id, device, auto
     if task == "lm":
         result["perplexity"] = math.exp(min(result["loss"], 50))
     else:
-        result["accuracy"], result["macro_f1"] = accuracy_and_macro_f1(torch.cat(predictions), torch.tensor(label_ids), num_labels)
+        report = classification_report(torch.cat(predictions).tolist(), label_ids, list(range(num_labels)))
+        result["accuracy"], result["macro_f1"] = report["accuracy"], report["macro_f1"]
     return result
 
 
@@ -265,6 +268,25 @@ def save_model(model, tokenizer, out, lora, args, main_process):
     if main_process:
         save_adapter(model, out, lora, args.model) if lora else model.save_pretrained(out, state_dict=full)
         tokenizer.save(out)
+
+
+def quantization_report(model, args, task, examples, tokenizer, device, say):
+    """What quantizing costs each layer, on a batch of the training data, against the checkpoint's
+    full-precision weights (read one layer at a time); printed, and kept in OUT/quantization.json."""
+    texts = [e["text"] for e in examples[:8]]
+    ids, mask = tokenizer(texts, max_length=model.config.n_positions if task == "lm" else model.config.max_position_embeddings)
+    rows = layer_errors(model, hub.resolve(args.model), {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    say(f"quantization ({args.quantize}{' ' + args.quant_type if args.quantize == '4bit' else ''}): {summary(rows)}")
+    return {"quantization": args.quantize, "quant_type": args.quant_type, "double_quant": args.double_quant, "layers": rows}
+
+
+@torch.no_grad()
+def merge_drift(trained, merged, batch, evaluate_):
+    """How far the merged model is from the quantized base + adapter that was trained."""
+    trained.eval()
+    merged.eval()
+    difference = (trained(batch["input_ids"], batch["attention_mask"]).float() - merged(batch["input_ids"], batch["attention_mask"]).float()).abs().max()
+    return {"max_logit_difference": float(difference), "trained": evaluate_(trained), "merged": evaluate_(merged)}
 
 
 def take_output_folder(out, start, model, optimizer, args, main_process, say):
@@ -348,6 +370,7 @@ def main(args):
     labels = model.config.labels if task == "classify" else None      # the head's order of the labels
     tokenizer = load_tokenizer(args.model)
     check_tokenizer_fits(model, tokenizer, args.model)
+    quantization = quantization_report(model, args, task, train_examples, tokenizer, device, say) if quant else None
     if lora:    # freeze the model, train small adapters beside its linear layers
         add_lora(model, lora)
     if args.freeze:
@@ -389,6 +412,8 @@ def main(args):
     # Everything is checked: only now does the run take --out, and resume where it stopped.
     out = Path(args.out)
     progress = take_output_folder(out, start, model, optimizer, args, main_process, say)
+    if quantization and main_process:
+        write_json(quantization, out / "quantization.json")
     log = MetricsLog(out, enabled=main_process)
     stop = StopSignals()                                     # Ctrl-C / SIGTERM: finish the step, save, stop
 
@@ -445,11 +470,19 @@ def main(args):
 
     distributed.shutdown()
     if lora and args.merge and main_process:   # the best adapter, folded into the weights it was trained against
-        base = load_model(args.model, labels=labels, device=device, quantize=quant, new_head=args.new_head)
-        merged = merge_lora(load_adapter(base, out))
+        load_trained = lambda: load_adapter(load_model(args.model, labels=labels, device=device, quantize=quant, new_head=args.new_head), out)
+        merged = merge_lora(load_trained())
         merged.save_pretrained(out / "merged")
         tokenizer.save(out / "merged")
         say(f"merged model: {out / 'merged'}/")
+        if quantization and val_ids:
+            # Merging folds the adapter into de-quantized weights: not quite the model that was trained.
+            evaluate_ = lambda m: evaluate(m, task, val_ids, val_labels, args.batch_size, tokenizer.pad_id, device, autocast, len(labels or ()))
+            quantization["merge"] = merge_drift(load_trained(), merged, make_batch(task, val_ids, val_labels, list(range(min(8, len(val_ids)))), tokenizer.pad_id, device), evaluate_)
+            write_json(quantization, out / "quantization.json")
+            d = quantization["merge"]
+            say(f"merging moved the logits by up to {d['max_logit_difference']:.4f}; validation loss {d['trained']['loss']:.4f} (quantized base + adapter),"
+                f" {d['merged']['loss']:.4f} (merged)")
     if log.plot():
         say(f"loss curve: {out / 'loss.png'}")
     say(f"saved the best model (validation loss {progress['best']:.4f}) to {out}/" if val_ids else f"saved the model to {out}/")

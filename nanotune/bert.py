@@ -68,14 +68,17 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids=None):
+    def forward(self, input_ids, token_type_ids=None, inputs_embeds=None):
+        """`inputs_embeds` (B, T, H), given, replace the token embeddings looked up from `input_ids`
+        (integrated gradients moves along a path between two of them)."""
         T = input_ids.shape[1]
         if T > self.position_embeddings.num_embeddings:
             raise NanotuneError(f"{T} tokens do not fit BERT's {self.position_embeddings.num_embeddings} positions: truncate the input")
         positions = torch.arange(T, device=input_ids.device)[None]                # (1, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        x = words + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))                                     # (B, T, H)
 
 
@@ -145,11 +148,11 @@ class Bert(nn.Module):
         self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         """The last hidden state (B, T, H)."""
         # (B, 1, 1, T): every query may look at every real (non-padding) key.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids)
+        x = self.embeddings(input_ids, token_type_ids, inputs_embeds)
         for layer in self.encoder["layer"]:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, mask, use_reentrant=False)
@@ -196,9 +199,9 @@ class BertClassifier(nn.Module):
         self.dropout = Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         """Logits (B, num_labels)."""
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)
         return self.classifier(self.dropout(self.bert.pool(hidden)))
 
     @staticmethod

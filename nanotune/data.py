@@ -153,6 +153,11 @@ def batch_order(n, batch_size, seed, epoch, shuffle=True, rank=0, world=1):
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def truncate(ids, max_length):
+    """A classification example cut to max_length tokens, keeping its last token ([SEP])."""
+    return ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:]
+
+
 def lm_batch(sequences, pad_id):
     """input_ids, attention_mask and labels (B, T) for causal LM, padded on the right to the longest.
     Padding is told apart by position (attention_mask 0 -> label -100), never by token id."""

@@ -1,4 +1,4 @@
-"""Scores and the run's log: accuracy, macro-F1, one JSON line per event, and a loss curve."""
+"""The run's log: the running training loss, one JSON line per event, and a loss curve."""
 import json
 import time
 from pathlib import Path
@@ -6,19 +6,6 @@ from pathlib import Path
 import torch
 
 from .distributed import sum_across
-
-
-def accuracy_and_macro_f1(predictions, labels, num_labels):
-    """Accuracy, and F1 averaged over labels with equal weight (so a rare label counts as much as a
-    frequent one). A label that is neither predicted nor present scores F1 = 0, as in scikit-learn."""
-    accuracy = (predictions == labels).float().mean().item()
-    f1s = []
-    for k in range(num_labels):
-        tp = ((predictions == k) & (labels == k)).sum().item()
-        fp = ((predictions == k) & (labels != k)).sum().item()
-        fn = ((predictions != k) & (labels == k)).sum().item()
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return accuracy, sum(f1s) / num_labels
 
 
 class RunningLoss:

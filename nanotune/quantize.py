@@ -72,7 +72,8 @@ def dequantized_weight(linear) -> torch.Tensor:
     if type(linear).__name__ == "Linear4bit":
         return _bitsandbytes().functional.dequantize_4bit(weight.data, weight.quant_state).float()
     if type(linear).__name__ == "Linear8bitLt":   # int8 rows scaled by each row's absmax / 127
-        return weight.data.float() * weight.SCB.float()[:, None] / 127
+        scales = weight.SCB if weight.SCB is not None else linear.state.SCB   # the first forward moves them to .state
+        return weight.data.float() * scales.float()[:, None] / 127
     return weight.data
 
 

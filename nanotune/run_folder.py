@@ -17,7 +17,7 @@ from .errors import NanotuneError
 LOCK = ".nanotune.lock"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "adapter_config.json", "adapter_model.safetensors"}
-RUN_FILES = {"args.json", "metrics.jsonl", "loss.png"}
+RUN_FILES = {"args.json", "metrics.jsonl", "loss.png", "quantization.json"}
 STATE = ("checkpoint", "training_state.pt")
 SUBFOLDERS = {"checkpoint": {"training_state.pt"}, "merged": MODEL_FILES}
 # Files that only nanotune writes: a folder holding one of them is a nanotune run folder.

@@ -25,11 +25,14 @@ GENERATE_BAD = {
     "--prompt-file": [""], "--max-new-tokens": ["0", "-3"], "--temperature": ["-1", "nan", "inf"], "--top-k": ["-1"],
     "--top-p": ["0", "1.5", "nan"], "--repetition-penalty": ["0", "-1", "nan"], "--stop": [""], "--num-samples": ["0"],
     "--seed": ["-1"], "--plain": ["flash"],
+    "--eval": [""], "--text-column": [""], "--label-column": [""], "--stride": ["0", "-2"], "--top-losses": ["-1"],
+    "--plot": [""], "--ig-steps": ["0"], "--ig-baseline": ["random"], "--explain-top": ["0"],
+    "--host": [""], "--port": ["-1", "65536"], "--api-key": [""], "--max-batch": ["0", "257"], "--export-onnx": [""],
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
 TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--bf16", "--grad-checkpointing", "--fsdp", "--double-quant",
                   "--no-double-quant", "--merge", "--resume", "--overwrite"}
-GENERATE_OTHERS = {"-h", "--help", "--prompt"}
+GENERATE_OTHERS = {"-h", "--help", "--prompt", "--compare", "--json", "--explain", "--show-attention", "--serve"}
 
 
 @pytest.mark.parametrize("module, table, others", [(train, TRAIN_BAD, TRAIN_SWITCHES), (generate, GENERATE_BAD, GENERATE_OTHERS)])

@@ -1,0 +1,86 @@
+"""Export a model to ONNX, and check the file against nanotune before saying it is done.
+
+The graph takes `input_ids` and `attention_mask` (batch and sequence length free) and returns the
+logits: (batch, sequence, vocabulary) for GPT-2, (batch, labels) for a classifier. For GPT-2 the
+positions are counted from each row's first real token, as generation does, so a left-padded
+batch gives the logits each prompt gives alone. Needs the export extra: onnx, onnxscript and
+onnxruntime (pip install -e ".[export]").
+"""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from .errors import NanotuneError
+from .hub import atomic_write
+
+EXTRA = ("onnx", "onnxscript", "onnxruntime")
+
+
+class Logits(torch.nn.Module):
+    """The model as the ONNX graph computes it: ids and mask in, logits out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        if hasattr(self.model, "lm_head"):
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)      # left padding: count from the first real token
+            return self.model(input_ids, attention_mask, positions)
+        return self.model(input_ids, attention_mask)
+
+
+def check_can_export(path):
+    """Before any work: the packages are there and the file can be written (and is not there yet)."""
+    missing = [m for m in EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise NanotuneError(f"--export-onnx needs {', '.join(missing)}: pip install {' '.join(missing)} (or the project's [export] extra)")
+    path = Path(path)
+    if path.exists():
+        raise NanotuneError(f"--export-onnx {path} already exists: choose another file name, or remove it first")
+    if not path.parent.is_dir():
+        raise NanotuneError(f"--export-onnx {path}: there is no folder {path.parent}")
+
+
+def export_onnx(model, path, vocab_size):
+    """Write the graph to `path` (one file, written atomically) and return the check's results."""
+    model = model.eval().float()
+    wrapper = Logits(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, (ids, mask), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}), dynamo=True, verbose=False)
+    atomic_write(Path(path), lambda tmp: program.save(tmp, external_data=False))
+    return verify(model, path, vocab_size)
+
+
+def verify(model, path, vocab_size, steps=32):
+    """Run the file with onnxruntime: logits on random inputs (other shapes than the export's,
+    with padding) against nanotune's, and for GPT-2 32 greedy tokens against nanotune's generate."""
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    run = lambda ids, mask: torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab_size, (3, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0                                       # a left-padded row
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        ours = Logits(model)(ids, mask)
+    theirs = run(ids, mask)
+    real = mask.bool() if ours.dim() == 3 else torch.ones(ours.shape[0], dtype=torch.bool)
+    result = {"max_logit_difference": float((ours - theirs).abs()[real].max())}
+    if hasattr(model, "lm_head"):
+        from .generation import generate
+        prompt = ids[0, :6].tolist()
+        expected = generate(model, [prompt], steps, 0, None, temperature=0)[0]
+        tokens = list(prompt)
+        for _ in range(steps):
+            seq = torch.tensor([tokens])
+            tokens.append(int(run(seq, torch.ones_like(seq))[0, -1].argmax()))
+        result |= {"greedy_tokens": steps, "greedy_identical": tokens[len(prompt):] == expected}
+    return result

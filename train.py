@@ -10,6 +10,7 @@ evaluate after every epoch, save. Everything a run needs is read and checked bef
 written. `python train.py --help` lists every option.
 """
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotune import NanotuneError, distributed, hub, load_tokenizer, run_folder, tricks
+from nanotune import NanotuneError, distributed, hub, load_tokenizer, run_folder, search, tricks
 from nanotune.checkpoint import StopSignals, load_state, save_state
+from nanotune.data_report import data_report, format_report
 from nanotune.cli import ArgumentParser, device, number, run, text, trick_names, whole_number
 from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, read_examples, split, truncate
 from nanotune.hub import write_json
@@ -30,6 +32,7 @@ from nanotune.metrics import MetricsLog, RunningLoss
 from nanotune.models import TASKS, check_tokenizer_fits, load_model, model_type
 from nanotune.optim import freeze, lr_at, make_optimizer
 from nanotune.quantize import QuantConfig, footprint_bytes, parameter_count
+from nanotune.vocab import add_tokens, read_tokens, resize_token_embeddings
 
 
 def layers_to_freeze(value):
@@ -56,6 +59,14 @@ def parser():
     g.add_argument("--label-column", default="label", type=text("a column name"), help="label field of .jsonl/.csv/.tsv files (classification)")
     g.add_argument("--max-length", type=whole_number(2), help="tokens per example (default: the model's context); longer LM texts are cut into windows, longer classification texts truncated")
     g.add_argument("--pack", action="store_true", help="LM: concatenate texts (EOS between) into full --max-length blocks, no padding")
+    g.add_argument("--stride", type=whole_number(1), help="LM: cut long texts into windows this many tokens apart (default: --max-length, side by side);"
+                   " a smaller stride overlaps them, so every token is scored once but with context from the window before")
+    g.add_argument("--truncate", choices=["head", "tail", "head+tail"], default="head",
+                   help="classification: what to keep of a text longer than --max-length (head+tail: the first quarter and the end)")
+    g.add_argument("--data-report", action="store_true", help="print what the tokenizer makes of the data (split words, lengths, labels) and stop")
+    g.add_argument("--add-tokens", metavar="TOKENS", type=text("tokens separated by commas, or a file"),
+                   help="new whole tokens, e.g. \"<|user|>,<|bot|>\", or a file with one a line; the embedding grows to match")
+    g.add_argument("--pad-vocab-to-multiple-of", type=whole_number(1), metavar="N", help="round the embedding's rows up to a multiple of N")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=whole_number(1), default=3)
     g.add_argument("--batch-size", type=whole_number(1), default=8, help="examples per micro-batch")
@@ -88,6 +99,11 @@ def parser():
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out exactly where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier nanotune run in --out (only the files nanotune wrote)")
     g.add_argument("--stop-after-epochs", type=whole_number(1), metavar="N", help="stop (resumably) after N epochs, e.g. to fit a time limit")
+    g = p.add_argument_group("hyper-parameter search")
+    g.add_argument("--search", action="append", metavar="NAME=VALUES", type=text("NAME=V1,V2,... or NAME=LOW:HIGH"),
+                   help="try these values of a flag, e.g. lr=1e-5,5e-5,1e-4 (a grid over every --search), or lr=1e-6:1e-3 with --trials;"
+                        " each trial is a train.py run in OUT/search/, ranked by validation loss; the best is kept in OUT")
+    g.add_argument("--trials", type=whole_number(1, 1000), metavar="N", help="draw N random settings from the --search values and ranges")
     g = p.add_argument_group("reading the code")
     g.add_argument("--plain", nargs="?", const="all", type=trick_names, metavar="TRICKS",
                    help="turn the speed tricks off and run the textbook version of every step (or only of TRICKS,"
@@ -106,11 +122,16 @@ def check_settings(args, task):
     if args.task and args.task != task:
         raise NanotuneError(f"--task {args.task} does not fit {args.model}: GPT-2 models train as lm, BERT models as classify")
     if task == "lm":
-        for flag, given in (("--class-weights", args.class_weights), ("--label-smoothing", args.label_smoothing), ("--new-head", args.new_head)):
+        for flag, given in (("--class-weights", args.class_weights), ("--label-smoothing", args.label_smoothing),
+                            ("--new-head", args.new_head), ("--truncate", args.truncate != "head")):
             if given:
                 raise NanotuneError(f"{flag} applies to classification, and {args.model} is a language model: leave it out")
-    elif args.pack:
-        raise NanotuneError("--pack joins texts into blocks for language modelling; a classifier needs one text per example: leave it out")
+    else:
+        for flag, given in (("--pack", args.pack), ("--stride", args.stride)):
+            if given:
+                raise NanotuneError(f"{flag} applies to language modelling; {args.model} is a classifier: leave it out")
+    if args.pack and args.stride:
+        raise NanotuneError("--pack joins all texts into one stream of blocks; --stride overlaps the windows of each long text: choose one")
     if args.fsdp and (distributed.world_size() == 1 or args.lora_r or args.quantize or args.resume):
         raise NanotuneError("--fsdp shards a full model across the ranks of a torchrun; it does not combine with LoRA, --quantize or --resume (use DDP: leave --fsdp out)")
 
@@ -135,11 +156,30 @@ def local_inputs(args):
             + ([("--val-data", find_data_file(args.val_data))] if args.val_data else []))
 
 
+def grow_vocabulary(args, model, tokenizer, say):
+    """--add-tokens and --pad-vocab-to-multiple-of: new whole tokens in the tokenizer, and as many
+    new rows in the embedding (the transfer-learning step `resize_token_embeddings`). Returns the
+    ids of the tokens added."""
+    if not (args.add_tokens or args.pad_vocab_to_multiple_of):
+        return []
+    wanted = read_tokens(args.add_tokens) if args.add_tokens else []
+    before = tokenizer.vocab_size
+    ids = add_tokens(tokenizer, wanted)
+    new = [i for i in ids if i >= before]
+    rows = resize_token_embeddings(model, max(tokenizer.vocab_size, model.config.vocab_size), args.pad_vocab_to_multiple_of)
+    if wanted:
+        say(f"tokens: added {len(new)} of {len(wanted)} ({', '.join(t for t, i in zip(wanted, ids) if i >= before) or 'all were there'}),"
+            f" ids {min(new) if new else '-'}..{max(new) if new else '-'}; the embedding has {rows:,} rows, new ones the mean of the others")
+    return new
+
+
 def context_length(args, model, task):
     context = model.config.n_positions if task == "lm" else model.config.max_position_embeddings
     max_length = args.max_length or context
     if max_length > context:
         raise NanotuneError(f"--max-length {max_length} is more than the model's {context} positions: use at most {context}")
+    if args.stride and args.stride > max_length:
+        raise NanotuneError(f"--stride {args.stride} is more than the windows' {max_length} tokens: the windows would skip tokens; use at most {max_length}")
     if task == "classify" and max_length < 3:
         raise NanotuneError(f"--max-length {max_length} leaves no room for text between [CLS] and [SEP]: use at least 3")
     return max_length
@@ -176,27 +216,31 @@ def load_data(args, task):
     return train, val, names
 
 
-def tokenize(examples, tokenizer, task, max_length, labels, packed):
-    """Token ids per example (and label ids). Long texts are counted and reported, never dropped silently."""
+def tokenize(examples, tokenizer, task, max_length, labels, args):
+    """Token ids per example, and per example its label id (classification) or the number of
+    leading tokens that are context only (LM windows that overlap). Long texts are counted and
+    reported, never dropped silently."""
     ids = tokenizer.encode_batch([e["text"] for e in examples])
     if task == "lm":
-        if packed:
+        if args.pack:
             return pack(ids, max_length, tokenizer.eos_id), None, 0
-        sequences, too_long = lm_sequences(ids, max_length, tokenizer.eos_id)
-        return sequences, None, too_long
+        sequences, contexts, too_long = lm_sequences(ids, max_length, tokenizer.eos_id, args.stride)
+        return sequences, contexts, too_long
     unknown = sorted({e["label"] for e in examples} - set(labels))
     if unknown:
         raise NanotuneError(f"labels never seen in training: {', '.join(unknown)}; the model knows {', '.join(labels)}")
     too_long = sum(len(s) > max_length for s in ids)
-    sequences = [truncate(s, max_length) for s in ids]
+    sequences = [truncate(s, max_length, args.truncate) for s in ids]
     return sequences, [labels.index(e["label"]) for e in examples], too_long
 
 
-def make_batch(task, sequences, label_ids, indices, pad_id, device):
+def make_batch(task, sequences, per_example, indices, pad_id, device):
+    """A batch of the examples at `indices`; `per_example` holds their label ids (classification)
+    or their context-only token counts (LM, None when no window overlaps)."""
     if task == "lm":
-        batch = lm_batch([sequences[i] for i in indices], pad_id)
+        batch = lm_batch([sequences[i] for i in indices], pad_id, [per_example[i] for i in indices] if per_example else None)
     else:
-        batch = classify_batch([sequences[i] for i in indices], [label_ids[i] for i in indices], pad_id)
+        batch = classify_batch([sequences[i] for i in indices], [per_example[i] for i in indices], pad_id)
     return {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
 
 
@@ -345,6 +389,8 @@ def record_settings(out, args, resumed, say):
 
 
 def main(args):
+    if args.search or args.trials:                           # several short runs of this script, ranked
+        return search.run(args, parser())
     if args.plain:
         tricks.turn_off(args.plain)                          # the textbook version of every step
     device, rank, world = distributed.setup(args.device)     # several ranks when started by torchrun
@@ -359,7 +405,7 @@ def main(args):
     kind = model_type(args.model)                            # finds the checkpoint and reads its config.json
     task = TASKS[kind]
     check_settings(args, task)
-    start = run_folder.check(args.out, args.resume, args.overwrite, local_inputs(args))
+    start = None if args.data_report else run_folder.check(args.out, args.resume, args.overwrite, local_inputs(args))
     quant, lora = lora_settings(args, kind)
 
     # 1. The data. (Before the model, unlike chapter 1: a classifier's head is sized by the labels.)
@@ -369,21 +415,26 @@ def main(args):
     model = load_model(args.model, labels=names, device=device, quantize=quant, new_head=args.new_head)
     labels = model.config.labels if task == "classify" else None      # the head's order of the labels
     tokenizer = load_tokenizer(args.model)
+    new_tokens = grow_vocabulary(args, model, tokenizer, say)
     check_tokenizer_fits(model, tokenizer, args.model)
     quantization = quantization_report(model, args, task, train_examples, tokenizer, device, say) if quant else None
-    if lora:    # freeze the model, train small adapters beside its linear layers
+    if lora:    # freeze the model, train small adapters beside its linear layers (and the new tokens' rows)
+        lora = dataclasses.replace(lora, trainable_tokens=tuple(new_tokens))
         add_lora(model, lora)
     if args.freeze:
         freeze(model, args.freeze)
     if args.grad_checkpointing:
         getattr(model, "bert", model).gradient_checkpointing = True
     max_length = context_length(args, model, task)
+    say(format_report(data_report(train_examples, tokenizer, task, max_length, args.truncate)))
+    if args.data_report:
+        return 0
 
     # 3. Tokenize ------------------------------------------------------------------------------
     # Examples keep their own length; each batch is padded to its longest one (the chapter pads
     # everything to 512, which spends most of the compute on padding for short texts).
-    train_ids, train_labels, too_long = tokenize(train_examples, tokenizer, task, max_length, labels, args.pack)
-    val_ids, val_labels, _ = tokenize(val_examples, tokenizer, task, max_length, labels, args.pack)
+    train_ids, train_labels, too_long = tokenize(train_examples, tokenizer, task, max_length, labels, args)
+    val_ids, val_labels, _ = tokenize(val_examples, tokenizer, task, max_length, labels, args)
     check_something_to_learn(task, train_ids, val_ids, world)
     say(f"data: {len(train_examples)} training and {len(val_examples)} validation examples, {sum(map(len, train_ids)):,} training tokens"
         + (f", labels {labels}" if labels else "")

@@ -36,6 +36,23 @@ def checkpoint(size="124M"):
     return folder
 
 
+def with_tokenizer(folder):
+    """Give a benchmark checkpoint a tokenizer with one token for each of its ids ("w0", "w1", ...,
+    and GPT-2's end-of-text token last), so that any id the random model produces decodes to text:
+    what serving needs, without GPT-2's own tokenizer (out of reach offline)."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        vocab_size = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+        vocab = {f"w{i}": i for i in range(vocab_size - 1)} | {"<|endoftext|>": vocab_size - 1}
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tk.decoder = decoders.WordPiece(prefix="##")          # joins words with spaces
+        tk.add_special_tokens(["<|endoftext|>"])
+        tk.save(str(path))
+    return folder
+
+
 def timed(fn, repeat=1):
     """Best wall time of `repeat` calls, in seconds (the best is the least disturbed by the machine)."""
     best = float("inf")

@@ -17,7 +17,7 @@ import threading
 import time
 
 import torch
-from common import ROOT, checkpoint, matmul_peak, report
+from common import ROOT, checkpoint, matmul_peak, report, with_tokenizer
 
 
 def start(folder, max_batch):
@@ -58,7 +58,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="tiny model, 16 new tokens")
     args = p.parse_args()
     size, max_tokens = ("tiny", 16) if args.quick else ("124M", 128)
-    folder = checkpoint(size)
+    folder = with_tokenizer(checkpoint(size))
     peak = matmul_peak(torch.float32) / 1e9
     rows, one = [], {}
     for clients in (1, 4, 16):

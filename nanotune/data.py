@@ -123,15 +123,39 @@ def mix(sources, weights, seed):
     return mixed
 
 
-def lm_sequences(token_lists, max_length, eos_id):
-    """Causal-LM examples: each text's ids + EOS (the model must learn where a text stops),
-    cut into windows of max_length. Returns (sequences, how many texts needed more than one window)."""
-    sequences, too_long = [], 0
+def lm_windows(ids, context, stride):
+    """(window, labels) pairs that score every token of `ids` once, for a text longer than the
+    model's context: windows of `context` positions, `stride` apart. Each window scores only the
+    tokens no earlier window scored, so each of those sees up to `context - stride` tokens of
+    context before it: the fixed-length-model perplexity method. (Position t predicts token
+    t + 1, so a window's first token is never scored: with stride == context, the windows do not
+    overlap and the token at each boundary goes unscored.) Labels are -100 where a token is
+    context only."""
+    windows, scored_to = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        window = ids[begin:end]
+        new = end - scored_to                                # tokens this window scores
+        windows.append((window, [IGNORE] * (len(window) - new) + window[len(window) - new:]))
+        scored_to = end
+        if end == len(ids):
+            break
+    return windows
+
+
+def lm_sequences(token_lists, max_length, eos_id, stride=None):
+    """Causal-LM examples: each text's ids + EOS (the model must learn where a text stops), cut
+    into windows of max_length, `stride` apart (default: max_length, side by side). Returns
+    (sequences, the number of leading context-only tokens of each, how many texts needed more
+    than one window)."""
+    sequences, contexts, too_long = [], [], 0
     for ids in token_lists:
         ids = ids + [eos_id]
         too_long += len(ids) > max_length
-        sequences += [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
-    return sequences, too_long
+        for window, labels in lm_windows(ids, max_length, stride or max_length):
+            sequences.append(window)
+            contexts.append(labels.count(IGNORE))
+    return sequences, contexts, too_long
 
 
 def pack(token_lists, block_size, eos_id):
@@ -153,16 +177,33 @@ def batch_order(n, batch_size, seed, epoch, shuffle=True, rank=0, world=1):
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def truncate(ids, max_length):
-    """A classification example cut to max_length tokens, keeping its last token ([SEP])."""
-    return ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:]
+def truncate(ids, max_length, keep="head"):
+    """A classification example cut to max_length tokens, always keeping its first ([CLS]) and
+    last ([SEP]) tokens. `keep`: "head", the start of the text; "tail", its end; "head+tail", a
+    quarter from the start and the rest from the end (128 + 382 of 510 tokens was best for long
+    reviews in "How to Fine-Tune BERT for Text Classification", Sun et al., 2019: a review's
+    opening and its verdict matter most)."""
+    if len(ids) <= max_length:
+        return ids
+    body, room = ids[1:-1], max_length - 2
+    if keep == "head":
+        kept = body[:room]
+    elif keep == "tail":
+        kept = body[len(body) - room:]
+    else:
+        head = round(room * 128 / 510)
+        kept = body[:head] + body[len(body) - (room - head):]
+    return ids[:1] + kept + ids[-1:]
 
 
-def lm_batch(sequences, pad_id):
+def lm_batch(sequences, pad_id, contexts=None):
     """input_ids, attention_mask and labels (B, T) for causal LM, padded on the right to the longest.
-    Padding is told apart by position (attention_mask 0 -> label -100), never by token id."""
+    Padding is told apart by position (attention_mask 0 -> label -100), never by token id, and so are
+    the leading `contexts[i]` tokens of an overlapping window, which only give context."""
     input_ids, attention_mask = pad(sequences, pad_id)
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    for i, context in enumerate(contexts or ()):
+        labels[i, :context] = IGNORE
     if bool(attention_mask.all()):      # no padding (packed blocks): the fast causal path, no mask
         attention_mask = None
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

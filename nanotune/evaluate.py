@@ -4,26 +4,9 @@ import math
 
 import torch
 
+from .data import lm_windows
 from .losses import IGNORE, causal_lm_loss_sum
 from .tokenizer import pad
-
-
-def lm_windows(ids, context, stride):
-    """(window, labels) pairs that score every token of `ids` once, for a text longer than the
-    model's context: windows of `context` positions, `stride` apart. Each window scores only the
-    tokens no earlier window scored, so each of those sees up to `context - stride` tokens of
-    context before it: the fixed-length-model perplexity method. (Position t predicts token
-    t + 1, so a text's first token is never scored.) Labels are -100 where a token is context only."""
-    windows, scored_to = [], 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context, len(ids))
-        window = ids[begin:end]
-        new = end - scored_to                                # tokens this window scores
-        windows.append((window, [IGNORE] * (len(window) - new) + window[len(window) - new:]))
-        scored_to = end
-        if end == len(ids):
-            break
-    return windows
 
 
 @torch.no_grad()

@@ -19,10 +19,12 @@ from . import hub
 from .dropout import Dropout
 from .errors import NanotuneError
 from .quantize import dequantized_weight
+from .vocab import input_embedding, resize_token_embeddings, train_rows_only
 
 DEFAULT_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"), "bert": ("query", "key", "value", "dense")}
 HEADS = ("classifier",)          # trained in full alongside the adapter (PEFT's modules_to_save)
 PEFT_PREFIX = "base_model.model."
+TOKENS = ".token_adapter.trainable_tokens_delta"     # PEFT's key for trained embedding rows
 
 
 @dataclass
@@ -31,6 +33,7 @@ class LoRAConfig:
     r: int = 8               # rank of the update B A
     alpha: float = 16        # the update is scaled by alpha / r
     dropout: float = 0.05    # on the adapter's input, during training
+    trainable_tokens: tuple = ()   # token ids whose embedding rows train too (new tokens; PEFT's trainable_token_indices)
 
 
 class LoRALinear(nn.Module):
@@ -81,6 +84,8 @@ def add_lora(model, cfg: LoRAConfig):
     for head in HEADS:
         if hasattr(model, head):
             getattr(model, head).requires_grad_(True)
+    if cfg.trainable_tokens:
+        train_rows_only(input_embedding(model)[1], cfg.trainable_tokens)
     return model
 
 
@@ -105,7 +110,12 @@ def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
         "modules_to_save": None if is_gpt2 else list(HEADS),
         "base_model_name_or_path": base_model_reference(base_model_name), "inference_mode": True, "init_lora_weights": True,
     }
-    tensors = {PEFT_PREFIX + n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    embedding_name, embedding = input_embedding(model)
+    tensors = {PEFT_PREFIX + n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad and p is not embedding.weight}
+    if cfg.trainable_tokens:   # only the rows that trained, as PEFT keeps them: their values, by index
+        rows = sorted(cfg.trainable_tokens)
+        config["trainable_token_indices"] = {embedding_name.rpartition(".")[2]: rows}
+        tensors[PEFT_PREFIX + embedding_name + TOKENS] = embedding.weight.detach()[rows].contiguous()
     hub.atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     hub.write_json(config, folder / "adapter_config.json")
 
@@ -155,8 +165,15 @@ def load_adapter(model, folder):
         saved = load_file(str(path))
     except Exception as e:      # safetensors raises its own error type for a truncated or corrupt file
         raise NanotuneError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}): save or train the adapter again") from None
-    params = dict(model.named_parameters())
     tensors = {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in saved.items()}
+    embedding_name, embedding = input_embedding(model)
+    rows = next(iter((config.get("trainable_token_indices") or {}).values()), None)
+    values = tensors.pop(embedding_name + TOKENS, None)
+    if rows is not None and values is not None:    # rows of new tokens: grow the embedding to hold them, then fill them
+        resize_token_embeddings(model, max(rows) + 1)
+        with torch.no_grad():
+            embedding.weight[torch.tensor(rows)] = values.to(embedding.weight.dtype)
+    params = dict(model.named_parameters())
     wanted = {n for n in params if ".lora_" in n}
     problems = sorted(wanted - tensors.keys()) + sorted(k for k in tensors if k not in params or params[k].shape != tensors[k].shape)
     if problems:

@@ -10,6 +10,7 @@ has passed does `RunFolder.claim` take the lock and touch the disk.
 import atexit
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import NanotuneError
@@ -17,11 +18,13 @@ from .errors import NanotuneError
 LOCK = ".nanotune.lock"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "adapter_config.json", "adapter_model.safetensors"}
-RUN_FILES = {"args.json", "metrics.jsonl", "loss.png", "quantization.json"}
-STATE = ("checkpoint", "training_state.pt")
-SUBFOLDERS = {"checkpoint": {"training_state.pt"}, "merged": MODEL_FILES}
+RUN_FILES = {"args.json", "metrics.jsonl", "loss.png", "quantization.json", "search.json", "search.png"}
+STATES = ("checkpoint/training_state.pt", "search.json")      # where a run (or a search) can continue from
+# (file names allowed, {subfolder: its rule}): what nanotune writes in a run folder
+RUN = (MODEL_FILES | RUN_FILES, {"checkpoint": ({"training_state.pt"}, {}), "merged": (MODEL_FILES, {})})
+TRIAL = re.compile(r"trial-\d{3,}$")        # a hyper-parameter search's trials: OUT/search/trial-NNN, each a run folder
 # Files that only nanotune writes: a folder holding one of them is a nanotune run folder.
-MARKERS = ("args.json", "metrics.jsonl", "checkpoint/training_state.pt")
+MARKERS = ("args.json", "metrics.jsonl", "checkpoint/training_state.pt", "search.json")
 
 
 def is_temporary(name):
@@ -29,17 +32,28 @@ def is_temporary(name):
     return name.startswith(".") and name.endswith(".tmp")
 
 
-def _entries(folder: Path, allowed=MODEL_FILES | RUN_FILES, subfolders=SUBFOLDERS):
-    """(the nanotune files in folder, the other files), as paths relative to folder; the lock and
-    temporary files are neither."""
+def _entries(folder: Path, rule=RUN, top=True):
+    """(the nanotune files in folder, the other files), as paths relative to folder; locks and
+    temporary files are neither. An empty nanotune subfolder counts as a file of ours."""
+    allowed, subfolders = rule
     ours, foreign = [], []
     if not folder.is_dir():
         return ours, foreign
     for entry in sorted(folder.iterdir()):
         if entry.name == LOCK or is_temporary(entry.name):
             continue
-        if entry.is_dir() and not entry.is_symlink() and entry.name in subfolders:
-            inner_ours, inner_foreign = _entries(entry, subfolders[entry.name], {})
+        if entry.is_dir() and not entry.is_symlink() and (entry.name in subfolders or (top and entry.name == "search")):
+            if entry.name == "search":
+                inner_ours, inner_foreign = [], []
+                for trial in sorted(entry.iterdir()):
+                    if trial.is_dir() and TRIAL.match(trial.name):
+                        o, f = _entries(trial, RUN, top=False)
+                        inner_ours += [f"{trial.name}/{n}" for n in o] or ([trial.name] if not f else [])
+                        inner_foreign += [f"{trial.name}/{n}" for n in f]
+                    elif not is_temporary(trial.name):
+                        inner_foreign.append(trial.name)
+            else:
+                inner_ours, inner_foreign = _entries(entry, subfolders[entry.name], top=False)
             ours += [f"{entry.name}/{n}" for n in inner_ours] or ([entry.name] if not inner_foreign else [])
             foreign += [f"{entry.name}/{n}" for n in inner_foreign]
         elif entry.is_file() and not entry.is_symlink() and entry.name in allowed:
@@ -47,6 +61,15 @@ def _entries(folder: Path, allowed=MODEL_FILES | RUN_FILES, subfolders=SUBFOLDER
         else:
             foreign.append(entry.name)
     return ours, foreign
+
+
+def _nanotune_dirs(out: Path):
+    """The subfolders nanotune writes under `out`, deepest first."""
+    dirs = [out / sub for sub in RUN[1]]
+    if (out / "search").is_dir():
+        trials = [t for t in (out / "search").iterdir() if t.is_dir() and TRIAL.match(t.name)]
+        dirs += [t / sub for t in trials for sub in RUN[1]] + trials + [out / "search"]
+    return [d for d in dirs if d.is_dir() and not d.is_symlink()]
 
 
 def _inside(path: Path, folder: Path):
@@ -62,7 +85,7 @@ def _writable(folder: Path):
         raise NanotuneError(f"--out {folder}: {existing} is a file, so the folder cannot be made there: choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise NanotuneError(f"--out {folder}: no permission to write in {existing}: choose a folder you can write to")
-    for sub in SUBFOLDERS:
+    for sub in RUN[1]:
         if (folder / sub).is_dir() and not os.access(folder / sub, os.W_OK | os.X_OK):
             raise NanotuneError(f"--out {folder}: no permission to write in {folder / sub}: fix its permissions or choose another --out")
 
@@ -88,7 +111,7 @@ def check(out, resume, overwrite, inputs=()) -> str:
         if path is not None and _inside(Path(path), out):
             relation = "is" if Path(path).resolve() == out.resolve() else "holds"
             raise NanotuneError(f"--out {out} {relation} the {flag} {path}, which this run reads: write the run to another folder")
-    has_state = (out / STATE[0] / STATE[1]).is_file()
+    has_state = any((out / state).is_file() for state in STATES)
     is_run = any((out / m).is_file() for m in MARKERS)
     if resume and has_state:
         return "resume"
@@ -167,19 +190,20 @@ class RunFolder:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         atexit.register(self.release)           # however the run ends; a killed one's lock the OS releases
-        for folder in [self.out] + [self.out / sub for sub in SUBFOLDERS]:
-            if folder.is_dir():
-                for entry in folder.iterdir():
-                    if is_temporary(entry.name) and entry.is_file():
-                        entry.unlink()
-        if mode in ("overwrite", "restart"):
+        replace = mode in ("overwrite", "restart")
+        for folder in [self.out] + _nanotune_dirs(self.out):
+            for entry in folder.iterdir():
+                # half-written files of a killed run; when replacing, also the locks its trials left
+                if entry.is_file() and (is_temporary(entry.name) or (replace and entry.name == LOCK and folder != self.out)):
+                    entry.unlink()
+        if replace:
             ours, _ = _entries(self.out)
-            for name in sorted(ours, key=lambda n: -n.count("/")):      # files first, then their folders
-                target = self.out / name
-                target.rmdir() if target.is_dir() else target.unlink()
-            for sub in SUBFOLDERS:
-                if (self.out / sub).is_dir() and not any((self.out / sub).iterdir()):
-                    (self.out / sub).rmdir()
+            for name in ours:
+                if (self.out / name).is_file():
+                    (self.out / name).unlink()
+            for folder in _nanotune_dirs(self.out):              # deepest first: each is empty by now
+                if not any(folder.iterdir()):
+                    folder.rmdir()
         return self
 
     def release(self):

@@ -28,6 +28,7 @@ from .generation import generate
 MAX_BODY = 1 << 20               # bytes of JSON a request may send
 MAX_N = 16                       # choices per prompt
 MAX_BATCH = 32                   # sequences decoded together
+GATHER = 0.01                    # seconds the worker waits for more requests before it starts a batch
 
 
 class RequestError(Exception):
@@ -146,9 +147,10 @@ class Engine:
             if first is None:
                 return
             taken = [first]
+            deadline = time.monotonic() + GATHER
             while sum(len(c.choices) for c in taken) < self.max_batch:
-                try:
-                    nxt = self.waiting.get_nowait()
+                try:                         # requests sent together arrive a few milliseconds apart
+                    nxt = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is None:

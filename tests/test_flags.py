@@ -19,6 +19,8 @@ TRAIN_BAD = {
     "--quantize": ["2bit"], "--quant-type": ["int4"], "--quantize-skip": [""], "--lora-r": ["-1"],
     "--lora-alpha": ["0", "nan"], "--lora-dropout": ["1.5", "1", "-0.1"], "--lora-targets": [""],
     "--out": [""], "--stop-after-epochs": ["0"], "--plain": ["flash", "attention,flash", ""],
+    "--stride": ["0", "-1"], "--truncate": ["middle"], "--add-tokens": [""], "--pad-vocab-to-multiple-of": ["0"],
+    "--search": [""], "--trials": ["0", "1001"],
 }
 GENERATE_BAD = {
     "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],
@@ -30,7 +32,7 @@ GENERATE_BAD = {
     "--host": [""], "--port": ["-1", "65536"], "--api-key": [""], "--max-batch": ["0", "257"], "--export-onnx": [""],
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
-TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--bf16", "--grad-checkpointing", "--fsdp", "--double-quant",
+TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--data-report", "--bf16", "--grad-checkpointing", "--fsdp", "--double-quant",
                   "--no-double-quant", "--merge", "--resume", "--overwrite"}
 GENERATE_OTHERS = {"-h", "--help", "--prompt", "--compare", "--json", "--explain", "--show-attention", "--serve"}
 

@@ -7,7 +7,8 @@ import torch
 from conftest import make_bert, make_gpt2, run_cli
 
 from nanotune import GPT2, BertClassifier, load_tokenizer
-from nanotune.evaluate import classification_report, lm_perplexity, lm_windows, top_losses
+from nanotune.data import lm_windows
+from nanotune.evaluate import classification_report, lm_perplexity, top_losses
 from nanotune.explain import explain_step, integrated_gradients, label_evidence
 from nanotune.fidelity import layer_errors
 from nanotune.generation import generate, top_k_filter, top_p_filter

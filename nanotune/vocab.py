@@ -1,0 +1,81 @@
+"""New tokens: add them to the tokenizer as whole tokens, and grow the model's embedding to match
+(`resize_token_embeddings`, written out)."""
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import NanotuneError
+
+
+def read_tokens(value) -> list:
+    """--add-tokens: a file with one token a line, or tokens separated by commas."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            tokens = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise NanotuneError(f"--add-tokens {value} is not a UTF-8 text file: one token a line") from None
+    else:
+        tokens = [t.strip() for t in value.split(",") if t.strip()]
+    if not tokens:
+        raise NanotuneError(f"--add-tokens {value!r} names no tokens: give them separated by commas, or a file with one a line")
+    return list(dict.fromkeys(tokens))
+
+
+def add_tokens(tokenizer, tokens) -> list:
+    """Add tokens that the tokenizer matches whole, before BPE or WordPiece splits the text (and
+    before BERT's lower-casing: `normalized=False`), so each is one id. Returns the ids of all of
+    `tokens`; those already in the vocabulary keep theirs."""
+    from tokenizers import AddedToken
+    new = [t for t in tokens if tokenizer.tokenizer.token_to_id(t) is None]
+    tokenizer.tokenizer.add_tokens([AddedToken(t, single_word=False, normalized=False, special=False) for t in new])
+    return [tokenizer.tokenizer.token_to_id(t) for t in tokens]
+
+
+def input_embedding(model):
+    """(its name, the token embedding): GPT-2's `transformer.wte`, BERT's `bert.embeddings.word_embeddings`."""
+    for name in ("transformer.wte", "bert.embeddings.word_embeddings", "embeddings.word_embeddings"):
+        try:
+            return name, model.get_submodule(name)
+        except AttributeError:
+            continue
+    raise NanotuneError(f"{type(model).__name__} has no token embedding to grow")
+
+
+@torch.no_grad()
+def resize_token_embeddings(model, size, multiple_of=None) -> int:
+    """Grow the token embedding to `size` rows (rounded up to a multiple of `multiple_of`, which
+    some matrix kernels run faster on); never shrink it. Returns the new number of rows.
+
+    The new rows start as the mean of the existing ones. A random row would be far from every
+    other: its first logits would be extreme, and the first steps of fine-tuning would be spent
+    pulling it back. The mean is a token the model already finds unremarkable (Hewitt, 2021).
+    GPT-2's output layer is the same matrix, so it grows with it."""
+    if multiple_of:
+        size = math.ceil(size / multiple_of) * multiple_of
+    _, embedding = input_embedding(model)
+    old = embedding.weight
+    if size <= old.shape[0]:
+        return old.shape[0]
+    grown = torch.empty(size, old.shape[1], dtype=old.dtype, device=old.device)
+    grown[:old.shape[0]] = old
+    grown[old.shape[0]:] = old.float().mean(0).to(old.dtype)
+    embedding.weight = nn.Parameter(grown, requires_grad=old.requires_grad)
+    embedding.num_embeddings = size
+    model.config.vocab_size = size
+    if hasattr(model, "lm_head"):
+        model.lm_head.out_features = size
+        model.tie_weights()
+    return size
+
+
+def train_rows_only(embedding, rows):
+    """Train only these rows of an otherwise frozen embedding (LoRA runs with new tokens): the
+    gradient of every other row is zeroed, so AdamW leaves those rows exactly as they are (a zero
+    gradient gives zero moments and a zero step; embeddings get no weight decay)."""
+    embedding.weight.requires_grad_(True)
+    mask = torch.zeros(embedding.weight.shape[0], 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
+    mask[list(rows)] = 1
+    embedding.weight.register_hook(lambda grad: grad * mask)

@@ -11,6 +11,8 @@ written. `python train.py --help` lists every option.
 """
 import argparse
 import dataclasses
+import importlib.util
+import itertools
 import json
 import math
 from pathlib import Path
@@ -30,7 +32,12 @@ from nanotune.evaluate import classification_report
 from nanotune.fidelity import layer_errors, summary
 from nanotune.metrics import MetricsLog, RunningLoss
 from nanotune.models import TASKS, check_tokenizer_fits, load_model, model_type
-from nanotune.optim import freeze, lr_at, make_optimizer
+from nanotune.batch_view import batch_notes, show_batch
+from nanotune.lr_find import CAVEAT as LR_CAVEAT
+from nanotune.lr_find import format_table as format_lr_table
+from nanotune.lr_find import lr_range_test, restored, suggestions
+from nanotune.lr_find import plot as plot_lr_find
+from nanotune.optim import format_groups, freeze, layers_of, lr_at, make_optimizer, unfreeze_gradually
 from nanotune.quantize import QuantConfig, footprint_bytes, parameter_count
 from nanotune.vocab import add_tokens, read_tokens, resize_token_embeddings
 
@@ -72,7 +79,11 @@ def parser():
     g.add_argument("--batch-size", type=whole_number(1), default=8, help="examples per micro-batch")
     g.add_argument("--grad-accum", type=whole_number(1), default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=number(0, low_open=True), default=5e-5, help="peak learning rate")
-    g.add_argument("--lr-schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up")
+    g.add_argument("--lr-schedule", choices=["linear", "cosine", "constant", "onecycle"], default="linear",
+                   help="decay after warm-up; onecycle: up from lr/25 and down far below, as OneCycleLR")
+    g.add_argument("--lr-decay", type=number(0, 1, low_open=True), metavar="F",
+                   help="discriminative rates (ULMFiT): the head at --lr, each block below F times the one above, the embeddings lowest")
+    g.add_argument("--unfreeze", choices=["gradual"], help="gradual: the first epoch trains the head only, each epoch after one more block down")
     g.add_argument("--warmup-steps", type=whole_number(0), default=0, help="optimizer steps of linear warm-up")
     g.add_argument("--weight-decay", type=number(0), default=0.01, help="AdamW decoupled weight decay (linear-layer matrices only)")
     g.add_argument("--max-grad-norm", type=number(0), default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
@@ -99,6 +110,12 @@ def parser():
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out exactly where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier nanotune run in --out (only the files nanotune wrote)")
     g.add_argument("--stop-after-epochs", type=whole_number(1), metavar="N", help="stop (resumably) after N epochs, e.g. to fit a time limit")
+    g = p.add_argument_group("see what you train")
+    g.add_argument("--show-batch", nargs="?", const=2, type=whole_number(1), metavar="N",
+                   help="print the first N (default 2) examples of the first batch as the model sees them, and stop")
+    g.add_argument("--show-groups", action="store_true", help="print the optimizer's parameter groups (rate, decay, size) and stop")
+    g.add_argument("--lr-find", action="store_true", help="run an LR range test (OUT/lr_find.png and a table), suggest a rate, and stop")
+    g.add_argument("--lr-find-check", action="store_true", help="with --lr-find: also train a few steps at the suggestion and at a tenth of it")
     g = p.add_argument_group("hyper-parameter search")
     g.add_argument("--search", action="append", metavar="NAME=VALUES", type=text("NAME=V1,V2,... or NAME=LOW:HIGH"),
                    help="try these values of a flag, e.g. lr=1e-5,5e-5,1e-4 (a grid over every --search), or lr=1e-6:1e-3 with --trials;"
@@ -132,6 +149,10 @@ def check_settings(args, task):
                 raise NanotuneError(f"{flag} applies to language modelling; {args.model} is a classifier: leave it out")
     if args.pack and args.stride:
         raise NanotuneError("--pack joins all texts into one stream of blocks; --stride overlaps the windows of each long text: choose one")
+    if args.lr_find_check and not args.lr_find:
+        raise NanotuneError("--lr-find-check compares rates after an LR range test: add --lr-find")
+    if args.unfreeze and distributed.world_size() > 1:
+        raise NanotuneError("--unfreeze gradual changes what trains from epoch to epoch, which DDP does not allow: run it in one process")
     if args.fsdp and (distributed.world_size() == 1 or args.lora_r or args.quantize or args.resume):
         raise NanotuneError("--fsdp shards a full model across the ranks of a torchrun; it does not combine with LoRA, --quantize or --resume (use DDP: leave --fsdp out)")
 
@@ -260,9 +281,10 @@ def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0, output
 
 def train_step(model, micro_batches, optimizer, lr, compute_loss, max_grad_norm, device):
     """One optimizer step: chapter 1's forward, loss, backward, step and zero_grad, with gradient
-    clipping and accumulation over micro-batches. Returns the summed loss and what it sums over."""
+    clipping and accumulation over micro-batches. Returns the summed loss, what it sums over, and
+    the gradient's norm before clipping (None without clipping)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr                                      # the schedule's rate for this step
+        group["lr"] = lr * group.get("lr_scale", 1.0)         # the schedule's rate (a share of it, per depth)
     # The loss is a mean over every scored token of the whole step, not of each micro-batch: each
     # micro-batch's sum is divided by the step's count (losses.causal_lm_loss_sum: SUM, then divide).
     count = sum(scored_count(batch) for batch in micro_batches)
@@ -273,13 +295,14 @@ def train_step(model, micro_batches, optimizer, lr, compute_loss, max_grad_norm,
             summed = compute_loss(model, batch)               # forward pass and loss
         (summed / divisor).backward()                         # gradients add up over micro-batches
         total += summed.detach()
+    norm = None
     if max_grad_norm > 0:
         # One odd batch can give a huge gradient; clipping its norm to 1.0 keeps a single step from
         # undoing what pre-training learned.
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)                     # set_to_none: the next backward writes afresh
-    return total, count
+    return total, count, norm
 
 
 @torch.no_grad()
@@ -333,6 +356,37 @@ def merge_drift(trained, merged, batch, evaluate_):
     return {"max_logit_difference": float(difference), "trained": evaluate_(trained), "merged": evaluate_(merged)}
 
 
+def find_learning_rate(args, model, train_model, optimizer, compute_loss, task, train_ids, train_labels, val_ids, val_labels,
+                       tokenizer, device, autocast, labels, out, say):
+    """--lr-find: the range test on the training data, its table and plot, a suggested rate; with
+    --lr-find-check, a few steps at the suggestion and at a tenth of it. The weights and optimizer
+    are put back after each: nothing here is trained for real."""
+    batches = itertools.cycle(batch_order(len(train_ids), args.batch_size, args.seed, 0))
+
+    def step_at(lr):
+        batch = make_batch(task, train_ids, train_labels, next(batches), tokenizer.pad_id, device)
+        summed, count, _ = train_step(train_model, [batch], optimizer, lr, compute_loss, args.max_grad_norm, device)
+        return float(summed) / count
+    result = lr_range_test(model, optimizer, step_at)
+    suggested = suggestions(result)
+    say(format_lr_table(result, suggested))
+    write_json(result | {"suggestions": suggested}, out / "lr_find.json")
+    if plot_lr_find(result, suggested, out / "lr_find.png"):
+        say(f"plot: {out / 'lr_find.png'}")
+    if suggested is None:
+        raise NanotuneError("the loss exploded within the first steps of the range test: nothing to suggest; check the data, or lower --max-grad-norm")
+    say(f"suggested learning rate: {suggested['valley']:.1e} (valley), {suggested['steepest']:.1e} (steepest descent)\nnote: {LR_CAVEAT}")
+    if args.lr_find_check:
+        steps = min(50, len(train_ids) // args.batch_size or 1)
+        for lr in (suggested["valley"], suggested["valley"] / 10):
+            with restored(model, optimizer):
+                losses = [step_at(lr) for _ in range(steps)]
+                scores = evaluate(train_model, task, val_ids, val_labels, args.batch_size, tokenizer.pad_id, device, autocast, len(labels or ())) if val_ids else {}
+            say(f"{steps} steps at {lr:.1e}: training loss {sum(losses[-5:]) / len(losses[-5:]):.4f} over the last 5"
+                + (f", validation loss {scores['loss']:.4f}" if scores else ""))
+    return 0
+
+
 def take_output_folder(out, start, model, optimizer, args, main_process, say):
     """Lock --out (one run per folder), clear what a killed run left half-written, and for a
     resumed run load the saved state and cut the metrics back to it. Returns where training starts."""
@@ -354,13 +408,13 @@ def take_output_folder(out, start, model, optimizer, args, main_process, say):
 def report_training(running, bar, log, epoch, step, lr, device):
     """The mean loss since the last report, on the progress bar and in metrics.jsonl; a loss
     that is no longer finite stops the run before anything of it is saved."""
-    loss, speed = running.read(device)
+    loss, speed, norms = running.read(device)
     if not math.isfinite(loss):
         bar.close()
         raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
                             " Lower --lr, keep --max-grad-norm on, or check the data")
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
-    log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed)
+    log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed, **norms)
 
 
 def save_and_stop(out, model, optimizer, progress, args, main_process, say, signum):
@@ -426,7 +480,8 @@ def main(args):
     if args.grad_checkpointing:
         getattr(model, "bert", model).gradient_checkpointing = True
     max_length = context_length(args, model, task)
-    say(format_report(data_report(train_examples, tokenizer, task, max_length, args.truncate)))
+    report = data_report(train_examples, tokenizer, task, max_length, args.truncate)
+    say(format_report(report))
     if args.data_report:
         return 0
 
@@ -440,13 +495,24 @@ def main(args):
         + (f", labels {labels}" if labels else "")
         + (f"; {too_long} examples longer than {max_length} tokens were " + ("split into windows" if task == "lm" else "truncated") if too_long else ""))
     class_weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights == "balanced" else None
+    first_batch = make_batch(task, train_ids, train_labels, batch_order(len(train_ids), args.batch_size, args.seed, 0)[0], tokenizer.pad_id, "cpu")
+    if args.show_batch:                                      # the batch as the model sees it; nothing is trained or written
+        notes = batch_notes(first_batch, tokenizer, task, report["lengths"]["longer"], max_length, report["lengths"]["tokens_beyond"],
+                            args.pack, args.truncate)
+        say(show_batch(first_batch, tokenizer, task, args.show_batch, labels, notes=notes))
+        return 0
 
     # 4. The optimizer and the learning-rate schedule -------------------------------------------
     # AdamW: Adam with weight decay applied to the weights directly, not through the gradient, so
     # that Adam's per-weight scaling does not weaken it (see nanotune/optim.py for what decays).
     # 5e-5: small, because the pre-trained weights are already good; large steps would erase them.
     train_model = distributed.wrap(model, device, args.fsdp) if world > 1 else model
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, lr_decay=args.lr_decay)
+    may_train = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # for gradual unfreezing
+    if args.lr_decay or args.show_groups:
+        say(format_groups(optimizer, args.lr))
+        if args.show_groups:
+            return 0
     steps_per_epoch = math.ceil(math.ceil(len(train_ids) // world / args.batch_size) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), parameter_count(model)
@@ -466,12 +532,20 @@ def main(args):
     if quantization and main_process:
         write_json(quantization, out / "quantization.json")
     log = MetricsLog(out, enabled=main_process)
+    if main_process and importlib.util.find_spec("matplotlib") is None:
+        say("note: pip install matplotlib to get OUT/training.png, the loss, learning rate and gradient norm drawn after every epoch")
+    if args.lr_find:
+        return find_learning_rate(args, model, train_model, optimizer, compute_loss, task, train_ids, train_labels, val_ids, val_labels,
+                                  tokenizer, device, autocast, labels, out, say)
     stop = StopSignals()                                     # Ctrl-C / SIGTERM: finish the step, save, stop
 
     # 5. Fine-tune, in a plain epoch loop ------------------------------------------------------
     model.train()                                            # dropout on
     step = progress["step"]
     for epoch in range(progress["epoch"], args.epochs):
+        if args.unfreeze == "gradual":
+            lowest = unfreeze_gradually(model, may_train, epoch)
+            say(f"epoch {epoch + 1}: training " + ("everything" if lowest == 0 else f"from block {lowest - 1} up" if lowest <= layers_of(model) else "the head only"))
         # A new order of the examples every epoch, the same for the same seed (and after a resume).
         batches = batch_order(len(train_ids), args.batch_size, args.seed, epoch, rank=rank, world=world)
         steps = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
@@ -485,9 +559,9 @@ def main(args):
             # grows keeps them from jolting the pre-trained weights. Then the rate decays to 0.
             lr = lr_at(step, args.lr, args.warmup_steps, total_steps, args.lr_schedule)
             micro_batches = [make_batch(task, train_ids, train_labels, idx, tokenizer.pad_id, device) for idx in steps[step_in_epoch]]
-            summed, count = train_step(train_model, micro_batches, optimizer, lr, compute_loss, args.max_grad_norm, device)
+            summed, count, norm = train_step(train_model, micro_batches, optimizer, lr, compute_loss, args.max_grad_norm, device)
             step += 1
-            running.add(summed, count, micro_batches)
+            running.add(summed, count, micro_batches, norm, args.max_grad_norm)
             if step % 10 == 0 or step_in_epoch == len(steps) - 1:   # reading the loss waits for the device: not every step
                 report_training(running, bar, log, epoch, step, lr, device)
             if stop.requested(device):
@@ -502,6 +576,7 @@ def main(args):
         if val_ids:
             scores = evaluate(train_model, task, val_ids, val_labels, args.batch_size, tokenizer.pad_id, device, autocast, len(labels or ()))
             log.log("eval", epoch=epoch + 1, step=step, **scores)
+            log.plot()
             say(f"epoch {epoch + 1}: " + ", ".join(f"validation {k} {v:.4f}" for k, v in scores.items()))
             improved = scores["loss"] < progress["best"]
             progress.update(best=min(progress["best"], scores["loss"]), bad_epochs=0 if improved else progress["bad_epochs"] + 1)
@@ -535,7 +610,7 @@ def main(args):
             say(f"merging moved the logits by up to {d['max_logit_difference']:.4f}; validation loss {d['trained']['loss']:.4f} (quantized base + adapter),"
                 f" {d['merged']['loss']:.4f} (merged)")
     if log.plot():
-        say(f"loss curve: {out / 'loss.png'}")
+        say(f"training plot: {out / 'training.png'}")
     say(f"saved the best model (validation loss {progress['best']:.4f}) to {out}/" if val_ids else f"saved the model to {out}/")
     return 0
 

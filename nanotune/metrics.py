@@ -9,9 +9,9 @@ from .distributed import sum_across
 
 
 class RunningLoss:
-    """The mean training loss and the tokens per second since the last report, over all ranks.
-    The loss is added up on the device and read only when reported: reading it makes the CPU
-    wait for the device to finish its queued work."""
+    """The mean training loss, tokens per second, and the gradient's norm and how often it was
+    clipped, since the last report, over all ranks. The loss is added up on the device and read
+    only when reported: reading it makes the CPU wait for the device to finish its queued work."""
 
     def __init__(self, device):
         self.device = device
@@ -19,23 +19,30 @@ class RunningLoss:
 
     def _reset(self):
         self.loss, self.count, self.tokens = torch.zeros((), device=self.device), 0, 0
+        self.norm, self.clipped, self.steps = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
         self.start = time.time()
 
-    def add(self, summed_loss, count, batches):
+    def add(self, summed_loss, count, batches, norm=None, max_norm=None):
         self.loss += summed_loss
         self.count += count
         self.tokens += sum(int(b["attention_mask"].sum()) if b["attention_mask"] is not None else b["input_ids"].numel()
                            for b in batches)
+        if norm is not None:
+            self.norm += norm
+            self.clipped += norm > max_norm
+            self.steps += 1
 
     def read(self, device):
+        """(mean loss, tokens per second, {"grad_norm", "clipped"} or {})."""
         loss, count, tokens = sum_across(self.loss.item(), self.count, self.tokens, device=device)
-        result = loss / count, tokens / (time.time() - self.start)
+        norms = {"grad_norm": self.norm.item() / self.steps, "clipped": self.clipped.item() / self.steps} if self.steps else {}
+        result = loss / count, tokens / (time.time() - self.start), norms
         self._reset()
         return result
 
 
 class MetricsLog:
-    """Appends every event to OUT/metrics.jsonl; draws OUT/loss.png if matplotlib is installed."""
+    """Appends every event to OUT/metrics.jsonl; draws OUT/training.png if matplotlib is installed."""
 
     def __init__(self, out: Path, enabled=True):
         self.path = Path(out) / "metrics.jsonl"
@@ -50,6 +57,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def plot(self):
+        """Training and validation loss, the learning rate and the gradient's norm against the
+        step, one figure, OUT/training.png. None without matplotlib (an optional extra)."""
         if not self.enabled:
             return None
         try:
@@ -58,16 +67,21 @@ class MetricsLog:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
+        from .hub import atomic_write
         records = [json.loads(line) for line in self.path.read_text().splitlines()]
         train = [r for r in records if r["event"] == "train"]
         evals = [r for r in records if r["event"] == "eval"]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.legend()
+        fig, (loss, lr, norm) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+        loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
+        loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
+        loss.set_ylabel("loss")
+        loss.legend()
+        lr.plot([r["step"] for r in train], [r["lr"] for r in train])
+        lr.set_ylabel("learning rate")
+        norm.plot([r["step"] for r in train if "grad_norm" in r], [r["grad_norm"] for r in train if "grad_norm" in r])
+        norm.set_ylabel("gradient norm (before clipping)")
+        norm.set_xlabel("optimizer step")
         fig.tight_layout()
-        fig.savefig(self.path.parent / "loss.png", dpi=100)
+        atomic_write(self.path.parent / "training.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
-        return self.path.parent / "loss.png"
+        return self.path.parent / "training.png"

@@ -18,7 +18,8 @@ from .errors import NanotuneError
 LOCK = ".nanotune.lock"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "adapter_config.json", "adapter_model.safetensors"}
-RUN_FILES = {"args.json", "metrics.jsonl", "loss.png", "quantization.json", "search.json", "search.png"}
+RUN_FILES = {"args.json", "metrics.jsonl", "loss.png", "training.png", "quantization.json", "search.json", "search.png",
+             "lr_find.json", "lr_find.png"}
 STATES = ("checkpoint/training_state.pt", "search.json")      # where a run (or a search) can continue from
 # (file names allowed, {subfolder: its rule}): what nanotune writes in a run folder
 RUN = (MODEL_FILES | RUN_FILES, {"checkpoint": ({"training_state.pt"}, {}), "merged": (MODEL_FILES, {})})

@@ -21,6 +21,7 @@ TRAIN_BAD = {
     "--out": [""], "--stop-after-epochs": ["0"], "--plain": ["flash", "attention,flash", ""],
     "--stride": ["0", "-1"], "--truncate": ["middle"], "--add-tokens": [""], "--pad-vocab-to-multiple-of": ["0"],
     "--search": [""], "--trials": ["0", "1001"],
+    "--lr-decay": ["0", "1.5", "nan"], "--unfreeze": ["sudden"], "--show-batch": ["0", "x"],
 }
 GENERATE_BAD = {
     "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],
@@ -32,7 +33,7 @@ GENERATE_BAD = {
     "--host": [""], "--port": ["-1", "65536"], "--api-key": [""], "--max-batch": ["0", "257"], "--export-onnx": [""],
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
-TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--data-report", "--bf16", "--grad-checkpointing", "--fsdp", "--double-quant",
+TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--data-report", "--show-groups", "--lr-find", "--lr-find-check", "--bf16", "--grad-checkpointing", "--fsdp", "--double-quant",
                   "--no-double-quant", "--merge", "--resume", "--overwrite"}
 GENERATE_OTHERS = {"-h", "--help", "--prompt", "--compare", "--json", "--explain", "--show-attention", "--serve"}
 

@@ -28,6 +28,8 @@ class RunningLoss:
         self.tokens += sum(int(b["attention_mask"].sum()) if b["attention_mask"] is not None else b["input_ids"].numel()
                            for b in batches)
         if norm is not None:
+            if hasattr(norm, "full_tensor"):      # under --fsdp the norm is a distributed tensor
+                norm = norm.full_tensor()
             self.norm += norm
             self.clipped += norm > max_norm
             self.steps += 1

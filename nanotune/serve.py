@@ -330,13 +330,25 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"id": engine.model_id, "object": "model", "created": self.server.started, "owned_by": "nanotune"})
         self.fail(RequestError(404, f"no route GET {self.path}: this server has GET /v1/models", code="not_found"))
 
+    def discard_body(self, length):
+        """Read a too-large body and throw it away, so the client, still sending, gets the 413
+        answer rather than a broken connection; a very large one is cut off instead."""
+        if length > 16 * MAX_BODY:
+            self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:                       # the client gave up
+                break
+            length -= len(chunk)
+
     def read_body(self):
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise RequestError(411, "send a Content-Length header with the JSON body") from None
         if length > MAX_BODY:
-            self.close_connection = True
+            self.discard_body(length)
             raise RequestError(413, f"the body is {length:,} bytes; the limit is {MAX_BODY:,}", code="request_too_large")
         try:
             body = json.loads(self.rfile.read(length) or b"null")

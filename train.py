@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotune import NanotuneError, distributed, hub, load_tokenizer, run_folder, search, tricks
+from nanotune import NanotuneError, distributed, hub, load_tokenizer, memory, run_folder, search, tricks
 from nanotune.checkpoint import StopSignals, load_state, save_state
 from nanotune.data_report import data_report, format_report
 from nanotune.cli import ArgumentParser, device, number, run, text, trick_names, whole_number
@@ -31,7 +31,7 @@ from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classifi
 from nanotune.evaluate import classification_report
 from nanotune.fidelity import layer_errors, summary
 from nanotune.metrics import MetricsLog, RunningLoss
-from nanotune.models import TASKS, check_tokenizer_fits, load_model, model_type
+from nanotune.models import TASKS, check_tokenizer_fits, load_model, model_config, model_type
 from nanotune.batch_view import batch_notes, show_batch
 from nanotune.lr_find import CAVEAT as LR_CAVEAT
 from nanotune.lr_find import format_table as format_lr_table
@@ -113,6 +113,7 @@ def parser():
     g = p.add_argument_group("see what you train")
     g.add_argument("--show-batch", nargs="?", const=2, type=whole_number(1), metavar="N",
                    help="print the first N (default 2) examples of the first batch as the model sees them, and stop")
+    g.add_argument("--dry-run", action="store_true", help="print the data report, the memory estimate and the first batch, and stop")
     g.add_argument("--show-groups", action="store_true", help="print the optimizer's parameter groups (rate, decay, size) and stop")
     g.add_argument("--lr-find", action="store_true", help="run an LR range test (OUT/lr_find.png and a table), suggest a rate, and stop")
     g.add_argument("--lr-find-check", action="store_true", help="with --lr-find: also train a few steps at the suggestion and at a tenth of it")
@@ -177,15 +178,21 @@ def local_inputs(args):
             + ([("--val-data", find_data_file(args.val_data))] if args.val_data else []))
 
 
-def grow_vocabulary(args, model, tokenizer, say):
-    """--add-tokens and --pad-vocab-to-multiple-of: new whole tokens in the tokenizer, and as many
-    new rows in the embedding (the transfer-learning step `resize_token_embeddings`). Returns the
-    ids of the tokens added."""
-    if not (args.add_tokens or args.pad_vocab_to_multiple_of):
-        return []
+def grow_tokenizer(args, tokenizer):
+    """--add-tokens, the tokenizer's half: new whole tokens, so the data report and the batches
+    already see them. Returns what `grow_embedding` needs."""
     wanted = read_tokens(args.add_tokens) if args.add_tokens else []
     before = tokenizer.vocab_size
-    ids = add_tokens(tokenizer, wanted)
+    return wanted, add_tokens(tokenizer, wanted) if wanted else [], before
+
+
+def grow_embedding(args, model, tokenizer, added, say):
+    """--add-tokens and --pad-vocab-to-multiple-of, the model's half: as many new rows in the
+    embedding as the tokenizer has new tokens (the transfer-learning step `resize_token_embeddings`).
+    Returns the ids of the tokens added."""
+    if not (args.add_tokens or args.pad_vocab_to_multiple_of):
+        return []
+    wanted, ids, before = added
     new = [i for i in ids if i >= before]
     rows = resize_token_embeddings(model, max(tokenizer.vocab_size, model.config.vocab_size), args.pad_vocab_to_multiple_of)
     if wanted:
@@ -194,8 +201,8 @@ def grow_vocabulary(args, model, tokenizer, say):
     return new
 
 
-def context_length(args, model, task):
-    context = model.config.n_positions if task == "lm" else model.config.max_position_embeddings
+def context_length(args, config, task):
+    context = config["n_positions"] if task == "lm" else config["max_position_embeddings"]
     max_length = args.max_length or context
     if max_length > context:
         raise NanotuneError(f"--max-length {max_length} is more than the model's {context} positions: use at most {context}")
@@ -204,6 +211,23 @@ def context_length(args, model, task):
     if task == "classify" and max_length < 3:
         raise NanotuneError(f"--max-length {max_length} leaves no room for text between [CLS] and [SEP]: use at least 3")
     return max_length
+
+
+def check_memory(args, config, task, report, quant, lora, num_labels, device, say):
+    """The run's peak memory, estimated before the model is loaded from config.json and the
+    longest batch (examples are padded to the longest in their batch; --pack fills every row). A
+    run that would not fit stops here, with the settings that would. Returns the estimate."""
+    seq = report["lengths"]["max_length"] if task == "lm" and args.pack else min(report["lengths"]["max"], report["lengths"]["max_length"])
+    settings = dict(batch=args.batch_size, seq=seq, bf16=args.bf16, quant=quant, lora=lora, checkpointing=args.grad_checkpointing,
+                    labels=num_labels, chunked_loss=tricks.enabled("chunked_loss"), on_gpu=device.type == "cuda")
+    parts = memory.estimate(config, **settings)
+    say(memory.format_estimate(parts, args.batch_size, seq))
+    free = memory.free_memory(device)
+    if free is not None and parts["needed"] > free:
+        fits = memory.what_fits(config, settings, free, args.grad_accum)
+        raise NanotuneError(f"the run needs about {parts['needed'] / memory.MiB:,.0f} MiB more but {device.type} has {free / memory.MiB:,.0f} MiB free: "
+                            + (f"try {fits}" if fits else "even --quantize 4bit with LoRA, --grad-checkpointing and --batch-size 1 would not fit; use a smaller model"))
+    return parts
 
 
 def check_something_to_learn(task, train_ids, val_ids, world):
@@ -459,17 +483,28 @@ def main(args):
     kind = model_type(args.model)                            # finds the checkpoint and reads its config.json
     task = TASKS[kind]
     check_settings(args, task)
-    start = None if args.data_report else run_folder.check(args.out, args.resume, args.overwrite, local_inputs(args))
+    looking_only = args.data_report or args.dry_run or args.show_batch    # these write nothing
+    start = None if looking_only else run_folder.check(args.out, args.resume, args.overwrite, local_inputs(args))
     quant, lora = lora_settings(args, kind)
 
     # 1. The data. (Before the model, unlike chapter 1: a classifier's head is sized by the labels.)
     train_examples, val_examples, names = load_data(args, task)
 
     # 2. The pre-trained model and its tokenizer --------------------------------------------------
+    # The tokenizer first: what it makes of the data, and how much memory the run will need,
+    # are known before the model is loaded.
+    config = model_config(args.model)
+    tokenizer = load_tokenizer(args.model)
+    added = grow_tokenizer(args, tokenizer)
+    max_length = context_length(args, config, task)
+    report = data_report(train_examples, tokenizer, task, max_length, args.truncate)
+    say(format_report(report))
+    if args.data_report:
+        return 0
+    estimate = check_memory(args, config, task, report, quant, lora, len(names or ()), device, say)
     model = load_model(args.model, labels=names, device=device, quantize=quant, new_head=args.new_head)
     labels = model.config.labels if task == "classify" else None      # the head's order of the labels
-    tokenizer = load_tokenizer(args.model)
-    new_tokens = grow_vocabulary(args, model, tokenizer, say)
+    new_tokens = grow_embedding(args, model, tokenizer, added, say)
     check_tokenizer_fits(model, tokenizer, args.model)
     quantization = quantization_report(model, args, task, train_examples, tokenizer, device, say) if quant else None
     if lora:    # freeze the model, train small adapters beside its linear layers (and the new tokens' rows)
@@ -479,11 +514,6 @@ def main(args):
         freeze(model, args.freeze)
     if args.grad_checkpointing:
         getattr(model, "bert", model).gradient_checkpointing = True
-    max_length = context_length(args, model, task)
-    report = data_report(train_examples, tokenizer, task, max_length, args.truncate)
-    say(format_report(report))
-    if args.data_report:
-        return 0
 
     # 3. Tokenize ------------------------------------------------------------------------------
     # Examples keep their own length; each batch is padded to its longest one (the chapter pads
@@ -496,10 +526,10 @@ def main(args):
         + (f"; {too_long} examples longer than {max_length} tokens were " + ("split into windows" if task == "lm" else "truncated") if too_long else ""))
     class_weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights == "balanced" else None
     first_batch = make_batch(task, train_ids, train_labels, batch_order(len(train_ids), args.batch_size, args.seed, 0)[0], tokenizer.pad_id, "cpu")
-    if args.show_batch:                                      # the batch as the model sees it; nothing is trained or written
+    if args.show_batch or args.dry_run:                      # the batch as the model sees it; nothing is trained or written
         notes = batch_notes(first_batch, tokenizer, task, report["lengths"]["longer"], max_length, report["lengths"]["tokens_beyond"],
                             args.pack, args.truncate)
-        say(show_batch(first_batch, tokenizer, task, args.show_batch, labels, notes=notes))
+        say(show_batch(first_batch, tokenizer, task, args.show_batch or 2, labels, notes=notes))
         return 0
 
     # 4. The optimizer and the learning-rate schedule -------------------------------------------
@@ -611,6 +641,12 @@ def main(args):
                 f" {d['merged']['loss']:.4f} (merged)")
     if log.plot():
         say(f"training plot: {out / 'training.png'}")
+    measured = memory.measured_peak(device)
+    say(f"memory: peak {measured / memory.MiB:,.0f} MiB measured, {estimate['total'] / memory.MiB:,.0f} MiB estimated"
+        f" ({(estimate['total'] - measured) / measured:+.0%})")
+    log.log("memory", measured_mib=round(measured / memory.MiB), estimated_mib=round(estimate["total"] / memory.MiB),
+            error=round((estimate["total"] - measured) / measured, 4),
+            estimate={k: round(v / memory.MiB, 1) for k, v in estimate.items()})
     say(f"saved the best model (validation loss {progress['best']:.4f}) to {out}/" if val_ids else f"saved the model to {out}/")
     return 0
 

@@ -2,11 +2,20 @@
 import torch
 
 from . import hub
-from .bert import BertClassifier
+from .bert import BertClassifier, BertConfig
 from .errors import NanotuneError
-from .gpt2 import GPT2
+from .gpt2 import GPT2, GPT2Config
 
 TASKS = {"gpt2": "lm", "bert": "classify"}
+
+
+def model_config(name_or_path) -> dict:
+    """The checkpoint's config.json (found or downloaded), checked to be a model nanotune implements
+    and to hold sizes of the right types, with the defaults of the entries it leaves out."""
+    folder = hub.resolve(name_or_path)
+    config = hub.read_config(folder, tuple(TASKS))
+    cls = GPT2Config if config["model_type"] == "gpt2" else BertConfig
+    return hub.config_to_dict(hub.config_from_dict(cls, config, folder / "config.json"))
 
 
 def model_type(name_or_path) -> str:

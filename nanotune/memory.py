@@ -1,0 +1,269 @@
+"""How much memory will the run need? An estimate made before anything big is loaded, broken
+down the way a training step spends it, and checked against the measured peak at the end.
+
+Weights, gradients and the optimizer's state are counted from config.json. What autograd keeps
+for backward depends on every detail of the step (dropout masks, attention kernels, autocast's
+copies, LoRA's extra products, bitsandbytes' own matmuls), so it is measured instead: a tiny model
+of the same family, built with the same options, runs one forward pass at three batch shapes
+while autograd's saved tensors are counted, and the per-block cost found (bytes per batch x
+length x width, per attention weight, and a constant) is scaled to the real shapes.
+"""
+import importlib.util
+import resource
+import sys
+
+import numpy as np
+import torch
+
+MiB = 2**20
+ALLOCATOR_KEEPS = 0.25         # bytes malloc keeps per byte a training step makes and frees (CPU)
+RUN_ADDS = 130 * MiB           # what the run's kernels and buffers add after the estimate (CPU)
+
+
+def rss_now():
+    """Resident memory of this process now, in bytes (Linux; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except OSError:
+        return peak_rss()
+
+
+def peak_rss():
+    """The largest resident memory this process has had, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def available_memory():
+    """Bytes the machine can still give this process (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+# ---- parameters, from config.json ---------------------------------------------------------------
+
+def linears(config):
+    """(name, in, out) of one block's linear layers."""
+    if config["model_type"] == "gpt2":
+        C = config["n_embd"]
+        inner = config.get("n_inner") or 4 * C
+        return [("c_attn", C, 3 * C), ("c_proj", C, C), ("c_fc", C, inner), ("c_proj", inner, C)]
+    H, inner = config["hidden_size"], config["intermediate_size"]
+    return [("query", H, H), ("key", H, H), ("value", H, H), ("dense", H, H), ("dense", H, inner), ("dense", inner, H)]
+
+
+def parameter_counts(config, labels=2):
+    """{"blocks": weights of the blocks' linear layers, "other": every other parameter}."""
+    if config["model_type"] == "gpt2":
+        C, L = config["n_embd"], config["n_layer"]
+        linear = sum(i * o + o for _, i, o in linears(config))
+        return {"linear": L * sum(i * o for _, i, o in linears(config)),
+                "other": L * (linear - sum(i * o for _, i, o in linears(config)) + 4 * C)
+                + (config["vocab_size"] + config["n_positions"]) * C + 2 * C}
+    H, L = config["hidden_size"], config["num_hidden_layers"]
+    block_w = sum(i * o for _, i, o in linears(config))
+    block_b = sum(o for _, i, o in linears(config)) + 4 * H
+    embeddings = (config["vocab_size"] + config["max_position_embeddings"] + config.get("type_vocab_size", 2)) * H + 2 * H
+    return {"linear": L * block_w + H * H, "other": L * block_b + embeddings + H + H * labels + labels}
+
+
+def quantized_bytes(weights, mode, double_quant):
+    """Bytes of `weights` weights stored by bitsandbytes (an average over the layers' shapes)."""
+    if mode == "8bit":
+        return weights * 1.0 + weights / 768 * 4          # int8, and a float scale per row (rows of ~768 here)
+    per_block = (1 + 4 / 256) if double_quant else 4        # 4-bit: one scale per 64 weights (itself 8-bit when double-quantized)
+    return weights * 0.5 + weights / 64 * per_block
+
+
+def lora_count(config, r, targets):
+    per_block = sum(r * (i + o) for name, i, o in linears(config) if name in targets)
+    layers = config.get("n_layer") or config["num_hidden_layers"]
+    pooler = r * 2 * config["hidden_size"] if config["model_type"] == "bert" and "dense" in targets else 0
+    return layers * per_block + pooler
+
+
+# ---- activations, measured on a tiny model of the same kind ---------------------------------------
+
+def probe(config, quant, lora, bf16, labels=2):
+    """Bytes autograd keeps for backward in one block, as a * (B T C) + c * (B nh T^2) + k, and the
+    same for dropout masks and outside the blocks; measured on a model as wide as 16 per head."""
+    from .bert import BertClassifier, BertConfig
+    from .gpt2 import GPT2, GPT2Config
+    from .lora import add_lora
+    from .quantize import quantized_linear, targets
+    is_gpt2 = config["model_type"] == "gpt2"
+    nh = config["n_head"] if is_gpt2 else config["num_attention_heads"]
+    width = config["n_embd"] if is_gpt2 else config["hidden_size"]
+    inner = (config.get("n_inner") or 4 * width) if is_gpt2 else config["intermediate_size"]
+    C = 16 * nh
+    I = max(1, round(inner / width * C))
+
+    def build(layers):
+        torch.manual_seed(0)
+        if is_gpt2:
+            keep = {k: config[k] for k in ("activation_function", "embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon") if k in config}
+            model = GPT2(GPT2Config(vocab_size=64, n_positions=256, n_embd=C, n_layer=layers, n_head=nh, n_inner=I, **keep))
+        else:
+            keep = {k: config[k] for k in ("hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob") if k in config}
+            model = BertClassifier(BertConfig(vocab_size=64, hidden_size=C, num_hidden_layers=layers, num_attention_heads=nh,
+                                              intermediate_size=I, max_position_embeddings=256, **keep), labels)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        if is_gpt2:
+            model.tie_weights()
+        if quant is not None:
+            for name in targets(model, quant.skip):
+                parent, _, child = name.rpartition(".")
+                owner = model.get_submodule(parent)
+                setattr(owner, child, quantized_linear(getattr(owner, child), quant))
+        if lora is not None:
+            add_lora(model, lora)
+        return model.train()
+
+    def saved(layers, B, T):
+        model = build(layers)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        found = {}
+
+        def keep(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                found[storage.data_ptr()] = (storage.nbytes(), t.dtype in (torch.uint8, torch.bool))
+            return t
+        ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(ids, output_layer=False) if is_gpt2 else model(ids, torch.ones_like(ids))
+        return (sum(n for n, mask in found.values() if not mask), sum(n for n, mask in found.values() if mask))
+
+    # A whole step first, backward and AdamW's step included: it starts what every run starts
+    # (thread pools, kernels, their buffers), so that the memory measured after it holds them.
+    model, ids = build(1), torch.randint(0, 64, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(ids) if is_gpt2 else model(ids, torch.ones_like(ids))
+    out.float().mean().backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True).step()
+    if importlib.util.find_spec("matplotlib"):       # the run draws its plots with it
+        import matplotlib.pyplot  # noqa: F401
+    shapes = [(2, 32), (4, 32), (2, 64)]
+    one = [saved(1, B, T) for B, T in shapes]
+    two = [saved(2, B, T) for B, T in shapes]
+    A = np.array([[B * T * C, B * nh * T * T, 1] for B, T in shapes], dtype=float)
+    fit = lambda y: np.linalg.lstsq(A, np.array(y, dtype=float), rcond=None)[0]
+    block = fit([t[0] - o[0] for t, o in zip(two, one)])
+    masks = fit([t[1] - o[1] for t, o in zip(two, one)])
+    outside = fit([2 * o[0] - t[0] + 2 * o[1] - t[1] for t, o in zip(two, one)])
+    return {"block": block, "masks": masks, "outside": outside}
+
+
+_probes = {}
+
+
+def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpointing=False, labels=2, chunked_loss=True,
+             on_gpu=False, baseline=None, chunk=512):
+    """{component: bytes}, "total" (the peak: on CPU the process's resident memory, on a GPU the
+    memory torch allocates) and "needed" (what the run still has to find), before it starts."""
+    is_gpt2 = config["model_type"] == "gpt2"
+    C = config["n_embd"] if is_gpt2 else config["hidden_size"]
+    nh = config["n_head"] if is_gpt2 else config["num_attention_heads"]
+    L = config["n_layer"] if is_gpt2 else config["num_hidden_layers"]
+    V = config["vocab_size"]
+    counts = parameter_counts(config, labels)
+    total_params = counts["linear"] + counts["other"]
+    key = (repr(sorted(config.items())), repr(quant), repr(lora), bf16, labels)
+    if key not in _probes:
+        _probes[key] = probe(config, quant, lora, bf16, labels)
+    act = _probes[key]
+    already = 0 if on_gpu else (baseline if baseline is not None else rss_now())
+    parts = {"the libraries, data and tokenizer (measured now)": already} if not on_gpu else {}
+    if quant is not None:
+        parts[f"weights (linear layers in {quant.mode}, the rest fp32)"] = quantized_bytes(counts["linear"], quant.mode, quant.double_quant) + 4 * counts["other"]
+    else:
+        parts["weights (fp32)"] = 4 * total_params
+    trainable = total_params
+    if lora is not None:
+        trainable = lora_count(config, lora.r, lora.targets) + (0 if is_gpt2 else C * labels + labels)
+        parts[f"LoRA weights (r {lora.r})"] = 4 * lora_count(config, lora.r, lora.targets)
+    parts["gradients (fp32, of what trains)"] = 4 * trainable
+    parts["optimizer state (AdamW: two moments)"] = 8 * trainable
+    BTC, attention = batch * seq * C, batch * nh * seq * seq
+    per_block = lambda fit: max(0.0, fit[0] * BTC + fit[1] * attention + fit[2])
+    # Checkpointing keeps each block's input (fp32) and recomputes one block at a time in backward.
+    kept = {False: L * per_block(act["block"]) + per_block(act["outside"]),
+            True: L * 4 * BTC + per_block(act["block"]) + per_block(act["outside"])}
+    masks = {False: L * per_block(act["masks"]), True: per_block(act["masks"])}
+    parts["activations kept for backward" + (" (--grad-checkpointing)" if checkpointing else "")] = kept[checkpointing]
+    parts["dropout masks"] = masks[checkpointing]
+    rows = batch * seq
+    if is_gpt2 and chunked_loss:
+        # a chunk's logits in fp32, their softmax and gradient made in place; in bf16 also the
+        # product's own bf16 result and the gradient's bf16 copy
+        parts[f"output layer: logits, {min(chunk, rows)} positions at a time"] = min(chunk, rows) * V * (8 if bf16 else 4)
+        if bf16:
+            parts["output layer: its weight in bf16, for the step"] = 2 * V * C
+    elif is_gpt2:
+        parts["output layer: the full logits, their softmax and gradient"] = rows * V * 4 * 3
+    # the largest single temporary besides: a layer's MLP product or the attention scores, and its gradient
+    inner = (config.get("n_inner") or 4 * C) if is_gpt2 else config["intermediate_size"]
+    parts["the largest temporary"] = 2 * 4 * max(rows * inner, attention)
+    if not on_gpu:
+        # glibc's malloc hands freed memory back to the next tensors that fit in it; activations and
+        # temporaries of many sizes, freed in a different order than they were made, leave pieces
+        # that nothing fits, and the process keeps them. Training and evaluation also load kernels
+        # and start buffers the warm-up did not. Both measured (bench/memory.py), not derived; a GPU
+        # counts live tensors only.
+        made_and_freed = kept[checkpointing] + masks[checkpointing] + parts["gradients (fp32, of what trains)"] + sum(
+            v for k, v in parts.items() if k.startswith(("output layer: logits", "the largest")))
+        parts["the allocator: freed memory kept in pieces, and kernels' buffers"] = ALLOCATOR_KEEPS * made_and_freed + RUN_ADDS
+    parts["total"] = sum(parts.values())
+    swap = kept[not checkpointing] + masks[not checkpointing] - kept[checkpointing] - masks[checkpointing]
+    other = parts["total"] + swap * (1 + (0 if on_gpu else ALLOCATOR_KEEPS))
+    parts["total without --grad-checkpointing" if checkpointing else "total with --grad-checkpointing"] = other
+    parts["needed"] = parts["total"] - already
+    return parts
+
+
+def free_memory(device):
+    """Bytes the run can still take: the machine's available memory, or the GPU's free memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory() if device.type == "cpu" else None
+
+
+def measured_peak(device):
+    """The run's measured peak: resident memory of the process on CPU (the libraries included), the
+    most torch allocated on a GPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+
+
+def what_fits(config, settings, free, grad_accum):
+    """The first of the usual ways to save memory that brings the estimate under `free`, as flags."""
+    from .lora import DEFAULT_TARGETS, LoRAConfig
+    from .quantize import QuantConfig
+    batch = settings["batch"]
+    tries = [({"checkpointing": True}, "--grad-checkpointing")]
+    while batch > 1:
+        batch //= 2
+        steps = grad_accum * settings["batch"] // batch
+        tries.append(({"checkpointing": True, "batch": batch}, f"--grad-checkpointing --batch-size {batch} --grad-accum {steps}"))
+    lora = settings["lora"] or LoRAConfig(DEFAULT_TARGETS[config["model_type"]])
+    tries.append(({"checkpointing": True, "batch": 1, "quant": QuantConfig("4bit"), "lora": lora},
+                  f"--quantize 4bit --grad-checkpointing --batch-size 1 --grad-accum {grad_accum * settings['batch']}"))
+    for change, flags in tries:
+        parts = estimate(config, **(settings | change))
+        if parts["needed"] <= free:
+            return f"{flags} (about {parts['total'] / MiB:,.0f} MiB)"
+    return None
+
+
+def format_estimate(parts, batch, seq):
+    lines = [f"memory: the run's peak, estimated before loading the model (batches of {batch} x {seq} tokens):"]
+    for name, value in parts.items():
+        if not name.startswith("total") and name != "needed":
+            lines.append(f"  {name:<62}{value / MiB:>9,.0f} MiB")
+    other = next(k for k in parts if k.startswith("total "))
+    lines.append(f"  {'peak':<62}{parts['total'] / MiB:>9,.0f} MiB   ({other[6:]}: {parts[other] / MiB:,.0f} MiB)")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The memory estimate train.py prints before a run: near the peak the run measures, on a small grid (the 124M grid is bench/memory.py's); --dry-run writes nothing; a run that would not
+fit is refused before the model is loaded, with settings that would fit."""
+import json
+
+import pytest
+from conftest import make_gpt2, run_cli
+
+import train
+from nanotune import NanotuneError, memory
+from nanotune.gpt2 import GPT2Config
+from nanotune.hub import config_to_dict
+
+
+@pytest.fixture(scope="module")
+def small_gpt2(tmp_path_factory, bpe_dir):
+    """Wide and long enough that activations, not the libraries, decide the peak."""
+    return make_gpt2(tmp_path_factory.mktemp("small-gpt2"), bpe_dir, n_embd=128, n_layer=4, n_head=4, n_positions=512)
+
+
+@pytest.mark.parametrize("flags", [
+    [],                                                       # fp32, full fine-tuning
+    ["--bf16", "--grad-checkpointing", "--lora-r", "8"],
+    ["--quantize", "4bit"],
+])
+def test_the_estimate_is_within_20_percent_of_the_measured_peak(small_gpt2, tmp_path, flags):
+    r = run_cli("train.py", "--model", small_gpt2, "--data", "anecdotes_jokes.txt", "--pack", "--max-length", 512,
+                "--batch-size", 8, "--epochs", 1, "--out", tmp_path / "out", *flags)
+    assert r.returncode == 0, r.stderr
+    assert "memory: the run's peak, estimated before loading the model (batches of 8 x 512 tokens)" in r.stdout
+    for part in ("weights", "gradients", "optimizer state", "activations kept for backward", "dropout masks", "output layer: logits"):
+        assert part in r.stdout
+    events = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    m = next(e for e in events if e["event"] == "memory")
+    # The target is 20 %; the measured peak of the same run varies by up to a tenth from one run to
+    # the next (where the allocator happens to place freed blocks), so one run is held to 25 %.
+    assert abs(m["error"]) <= 0.25, m
+    assert f"memory: peak {m['measured_mib']:,} MiB measured" in r.stdout
+
+
+def test_dry_run_prints_the_estimate_and_the_batch_and_writes_nothing(small_gpt2, tmp_path):
+    r = run_cli("train.py", "--model", small_gpt2, "--data", "anecdotes_jokes.txt", "--dry-run", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "memory: the run's peak" in r.stdout and "example 1 of the first batch" in r.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpointing_and_quantization_lower_the_estimate():
+    config = config_to_dict(GPT2Config())                    # the 124M architecture
+    plain = memory.estimate(config, 8, 1024, baseline=0)
+    assert plain["total with --grad-checkpointing"] < 0.6 * plain["total"]
+    ckpt = memory.estimate(config, 8, 1024, baseline=0, checkpointing=True)
+    assert ckpt["total"] == pytest.approx(plain["total with --grad-checkpointing"], rel=1e-6)
+
+
+def test_a_run_that_would_not_fit_is_refused_with_settings_that_would(monkeypatch):
+    config = config_to_dict(GPT2Config())
+    needed = memory.estimate(config, 8, 1024)["needed"]
+    monkeypatch.setattr(memory, "free_memory", lambda device: 0.6 * needed)
+    args = train.parse_args(["--data", "anecdotes_jokes.txt", "--batch-size", "8"])
+    report = {"lengths": {"max": 1024, "max_length": 1024}}
+    with pytest.raises(NanotuneError, match=r"needs about .* MiB more but cpu has .* MiB free: try --grad-checkpointing") as e:
+        train.check_memory(args, config, "lm", report, None, None, 0, train.torch.device("cpu"), lambda *a: None)
+    suggested = int(str(e.value).rsplit("about ", 1)[1].split(" MiB")[0].replace(",", ""))
+    assert suggested * memory.MiB - memory.rss_now() <= 0.6 * needed

@@ -223,7 +223,7 @@ def check_memory(args, config, task, report, quant, lora, num_labels, device, sa
     parts = memory.estimate(config, **settings)
     say(memory.format_estimate(parts, args.batch_size, seq))
     free = memory.free_memory(device)
-    if free is not None and parts["needed"] > free:
+    if free is not None and parts["needed"] > free and not args.fsdp:     # (FSDP shards what is counted here)
         fits = memory.what_fits(config, settings, free, args.grad_accum)
         raise NanotuneError(f"the run needs about {parts['needed'] / memory.MiB:,.0f} MiB more but {device.type} has {free / memory.MiB:,.0f} MiB free: "
                             + (f"try {fits}" if fits else "even --quantize 4bit with LoRA, --grad-checkpointing and --batch-size 1 would not fit; use a smaller model"))

@@ -175,7 +175,8 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     total_params = counts["linear"] + counts["other"]
     key = (repr(sorted(config.items())), repr(quant), repr(lora), bf16, labels)
     if key not in _probes:
-        _probes[key] = probe(config, quant, lora, bf16, labels)
+        with torch.random.fork_rng(devices=[]):      # the probe's seeds must not move the run's
+            _probes[key] = probe(config, quant, lora, bf16, labels)
     act = _probes[key]
     already = 0 if on_gpu else (baseline if baseline is not None else rss_now())
     parts = {"the libraries, data and tokenizer (measured now)": already} if not on_gpu else {}

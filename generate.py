@@ -15,7 +15,7 @@ import sys
 import torch
 
 from nanotune import NanotuneError, hub, load_tokenizer, tricks
-from nanotune.cli import ArgumentParser, default_device, device, number, run, text, trick_names, whole_number
+from nanotune.cli import ArgumentParser, add_plain_flag, default_device, device, number, run, text, whole_number
 from nanotune.data import read_examples, truncate
 from nanotune.evaluate import classification_report, classify_all, format_classification, lm_perplexity, plot_confusion, top_losses
 from nanotune.export import check_can_export, export_onnx
@@ -74,10 +74,7 @@ def parser():
     g.add_argument("--api-key", type=text("a key"), help="--serve: require 'Authorization: Bearer KEY' (default: $NANOTUNE_API_KEY if set)")
     g.add_argument("--max-batch", type=whole_number(1, 256), default=32, help="--serve: most sequences decoded together")
     g.add_argument("--export-onnx", metavar="FILE", type=text("a file name"), help="write the model as ONNX (adapters merged first) and check it with onnxruntime")
-    g = p.add_argument_group("reading the code")
-    g.add_argument("--plain", nargs="?", const="all", type=trick_names, metavar="TRICKS",
-                   help="turn the speed tricks off and run the textbook version of every step (or only of TRICKS,"
-                        f" comma-separated: {', '.join(tricks.NAMES)}); see nanotune/tricks.py")
+    add_plain_flag(p)
     return p
 
 

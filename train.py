@@ -23,7 +23,7 @@ from tqdm import tqdm
 from nanotune import NanotuneError, distributed, hub, load_tokenizer, memory, run_folder, search, tricks
 from nanotune.checkpoint import StopSignals, load_state, save_state
 from nanotune.data_report import data_report, format_report
-from nanotune.cli import ArgumentParser, device, number, run, text, trick_names, whole_number
+from nanotune.cli import ArgumentParser, add_plain_flag, device, number, run, text, whole_number
 from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, read_examples, split, truncate
 from nanotune.hub import write_json
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
@@ -122,10 +122,7 @@ def parser():
                    help="try these values of a flag, e.g. lr=1e-5,5e-5,1e-4 (a grid over every --search), or lr=1e-6:1e-3 with --trials;"
                         " each trial is a train.py run in OUT/search/, ranked by validation loss; the best is kept in OUT")
     g.add_argument("--trials", type=whole_number(1, 1000), metavar="N", help="draw N random settings from the --search values and ranges")
-    g = p.add_argument_group("reading the code")
-    g.add_argument("--plain", nargs="?", const="all", type=trick_names, metavar="TRICKS",
-                   help="turn the speed tricks off and run the textbook version of every step (or only of TRICKS,"
-                        f" comma-separated: {', '.join(tricks.NAMES)}); see nanotune/tricks.py")
+    add_plain_flag(p)
     return p
 
 

@@ -104,6 +104,15 @@ def trick_names(value):
     return names
 
 
+def add_plain_flag(parser):
+    """--plain, the same on train.py and generate.py."""
+    from . import tricks
+    g = parser.add_argument_group("reading the code")
+    g.add_argument("--plain", nargs="?", const="all", type=trick_names, metavar="TRICKS",
+                   help="turn the speed tricks off and run the textbook version of every step (or only of TRICKS,"
+                        f" comma-separated: {', '.join(tricks.NAMES)}); see nanotune/tricks.py")
+
+
 def default_device():
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,7 +25,7 @@ from nanotune.checkpoint import StopSignals, load_state, save_state
 from nanotune.data_report import data_report, format_report
 from nanotune.cli import ArgumentParser, add_plain_flag, device, number, run, text, whole_number
 from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, read_examples, split, truncate
-from nanotune.hub import write_json
+from nanotune.hub import own_memory, write_json
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
 from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
 from nanotune.evaluate import classification_report
@@ -533,6 +533,7 @@ def main(args):
     # AdamW: Adam with weight decay applied to the weights directly, not through the gradient, so
     # that Adam's per-weight scaling does not weaken it (see nanotune/optim.py for what decays).
     # 5e-5: small, because the pre-trained weights are already good; large steps would erase them.
+    own_memory(p for p in model.parameters() if p.requires_grad)   # trained weights leave the checkpoint file
     train_model = distributed.wrap(model, device, args.fsdp) if world > 1 else model
     optimizer = make_optimizer(model, args.lr, args.weight_decay, lr_decay=args.lr_decay)
     may_train = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # for gradual unfreezing

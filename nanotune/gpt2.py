@@ -215,9 +215,9 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_hub(cls, name, tensor):
-        # A contiguous copy, not a transposed view: fused AdamW would otherwise copy each of these
-        # weights, its gradient and its moments to contiguous memory and back at every step.
-        return tensor.t().contiguous() if name.endswith(cls.CONV1D) else tensor
+        # A transposed view, no copy: the matrix product reads either layout. Weights that will be
+        # trained get a contiguous copy when the optimizer is made (hub.own_memory).
+        return tensor.t() if name.endswith(cls.CONV1D) else tensor
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):

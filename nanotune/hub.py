@@ -11,6 +11,7 @@ import mmap
 import os
 import secrets
 import types
+import weakref
 from pathlib import Path
 
 import torch
@@ -173,6 +174,9 @@ def iter_checkpoint(folder: Path):
         with open(file, "rb") as f:
             header_len, entries, size = _read_header(f, file)
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        if data is not None:
+            _MAPPINGS[:] = [m for m in _MAPPINGS if m[0]() is not None]
+            _MAPPINGS.append((weakref.ref(data), torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr(), size))
         base = 8 + header_len
         for key, entry in entries.items():
             start, stop = entry["data_offsets"]
@@ -184,6 +188,44 @@ def iter_checkpoint(folder: Path):
             first, last = (base + start + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (base + stop) // mmap.PAGESIZE
             if last > first and hasattr(mmap, "MADV_DONTNEED"):
                 data.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
+
+
+# The checkpoint files mapped so far: (weak reference to the mmap, address of its first byte, size).
+_MAPPINGS = []
+
+
+def own_memory(params) -> None:
+    """Give each parameter that is a transposed view (GPT-2's Conv1D weights, read from the mapped
+    file as they are stored) memory of its own in (out, in) order, and hand the file's pages back.
+
+    Done only for weights an optimizer will step: fused AdamW wants the weight, its gradient and
+    its two moments contiguous, and would copy them there and back at every step. Frozen and
+    inference-only weights stay views of the file, so loading costs no memory beyond what is used.
+    One weight at a time, so the copy never holds more than one extra tensor.
+    """
+    for p in params:
+        if p.is_contiguous():
+            continue
+        view = p.data
+        p.data = view.contiguous()
+        _release(view)
+
+
+def _release(view) -> None:
+    """MADV_DONTNEED the whole pages under `view` if it lies in a mapped checkpoint (not written to
+    by anyone but this view: its bytes belong to one tensor). Memory outside the mappings is never
+    touched: discarding it would zero it."""
+    if view.dim() != 2 or not view.t().is_contiguous():
+        return
+    start = view.data_ptr()
+    stop = start + view.numel() * view.element_size()
+    for ref, base, size in _MAPPINGS:
+        data = ref()
+        if data is not None and base <= start and stop <= base + size and hasattr(mmap, "MADV_DONTNEED"):
+            first, last = (start - base + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (stop - base) // mmap.PAGESIZE
+            if last > first:
+                data.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
+            return
 
 
 def _short(names) -> str:

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .errors import NanotuneError
+from .hub import own_memory
 
 
 def freeze(model, what):
@@ -77,6 +78,7 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, lr_dec
         raise NanotuneError("nothing to train: every parameter is frozen")
     # The fused kernel updates all parameters in one pass (CPU and CUDA); plain AdamW elsewhere.
     # A parameter whose gradient is None (frozen for now) is skipped: not moved, not decayed.
+    own_memory(p for g in groups for p in g["params"])
     devices = {p.device.type for g in groups for p in g["params"]}
     fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() and type(p.data) is torch.Tensor for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)

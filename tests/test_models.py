@@ -72,6 +72,35 @@ def test_gpt2_tied_head_and_dtype(tiny_gpt2):
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_gpt2_weights_stay_in_the_file_until_an_optimizer_steps_them(tiny_gpt2):
+    """Loading copies nothing: Conv1D weights are transposed views of the mapped checkpoint. The
+    optimizer gives the weights it steps memory of their own (contiguous, same values, same
+    Parameter), hands the file's pages back, and leaves every other weight as it was."""
+    from nanotune.optim import make_optimizer
+    model = GPT2.from_pretrained(tiny_gpt2)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    c_fc = model.transformer.h[0].mlp.c_fc.weight
+    assert not c_fc.is_contiguous()
+    model.transformer.h[1].requires_grad_(False)                  # frozen: stays a view of the file
+    make_optimizer(model, 1e-3, 0.0)
+    assert model.transformer.h[0].mlp.c_fc.weight is c_fc and c_fc.is_contiguous()
+    assert not model.transformer.h[1].mlp.c_fc.weight.is_contiguous()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, reference[name]), name
+    ids, _ = batch(model.config.vocab_size)
+    with torch.no_grad():
+        assert (model(ids) - GPT2.from_pretrained(tiny_gpt2)(ids)).abs().max() == 0
+
+
+def test_own_memory_leaves_memory_outside_checkpoints_alone():
+    from nanotune.hub import own_memory
+    base = torch.randn(64, 1024)                                  # 256 KiB: whole pages under it
+    weight = torch.nn.Parameter(base.t())
+    own_memory([weight])
+    assert weight.is_contiguous() and torch.equal(weight, base.t())
+    assert base.abs().sum() > 0                                   # not handed back (it would read as zeros)
+
+
 def assert_bert_parity(folder, reference_folder=None):
     from transformers import BertForSequenceClassification, BertModel
     ref_folder = reference_folder or folder

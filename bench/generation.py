@@ -3,16 +3,19 @@
     python bench/generation.py [--quick]
 
 New tokens per second for batch 1 and batch 8, greedy and sampling, on a GPT-2 124M-architecture
-checkpoint; fp32 for both, and nanotune's bf16 against the reference's fp32. The contenders take
-turns, and each one's best of the rounds counts.
+checkpoint; fp32 for both, and nanotune's bf16 against the reference's fp32. Then nanotune's 8-bit
+and 4-bit (bitsandbytes) models at batch 1, greedy, against nanotune's fp32, with the
+quantized_decoding trick on and off. The contenders take turns, and each one's best of the rounds
+counts. Each table carries the matmul peak measured in its run.
 """
 import argparse
 
 import torch
-from common import checkpoint, report, timed
+from common import checkpoint, matmul_peak, report, timed
 
-from nanotune import GPT2
+from nanotune import GPT2, tricks
 from nanotune.generation import generate
+from nanotune.quantize import QuantConfig
 
 
 def main():
@@ -47,8 +50,33 @@ def main():
                 rows.append([batch, mode, f"nanotune {dtype} vs reference fp32", tps["reference"], tps[dtype],
                              f"{tps[dtype] / tps['reference']:.2f}x"])
                 print(rows[-1], flush=True)
-    report(f"Generation, GPT-2 {size}, {new_tokens} new tokens (new tokens/s)",
-           ["batch", "decoding", "comparison", "reference tok/s", "nanotune tok/s", "ratio"], rows)
+    peaks = {"fp32": round(matmul_peak(torch.float32) / 1e9), "bf16": round(matmul_peak(torch.bfloat16) / 1e9)}
+    report(f"Generation, GPT-2 {size}, {new_tokens} new tokens (new tokens/s); matmul peak fp32 {peaks['fp32']}, bf16 {peaks['bf16']} GFLOP/s",
+           ["batch", "decoding", "comparison", "reference tok/s", "nanotune tok/s", "ratio"], rows, {"matmul_peak_gflops": peaks})
+    quantized(folder, ours["fp32"], new_tokens, repeat)
+
+
+def quantized(folder, fp32_model, new_tokens, repeat):
+    """Batch 1, greedy: the quantized models against the fp32 one, quantized_decoding on and off."""
+    models = {"8-bit": GPT2.from_pretrained(folder, quantize=QuantConfig("8bit")),
+              "4-bit": GPT2.from_pretrained(folder, quantize=QuantConfig("4bit", cpu_inference_kernel=True))}  # as generate.py loads them
+    prompts = torch.randint(0, 50000, (1, 16), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run(model, off=()):
+        def go():
+            with tricks.plain(off):
+                generate(model, prompts, new_tokens, 0, None, temperature=0)
+        return go
+    runs = {"fp32": run(fp32_model)} | {f"{name}{label}": run(m, off) for name, m in models.items()
+                                       for label, off in (("", ()), (", quantized_decoding off", ["quantized_decoding"]))}
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeat):
+        for name, go in runs.items():
+            best[name] = min(best[name], timed(go))
+    rows = [[name, new_tokens / t, f"{best['fp32'] / t:.2f}x"] for name, t in best.items()]
+    peak = round(matmul_peak(torch.float32) / 1e9)
+    report(f"Decoding quantized models, batch 1, greedy, {new_tokens} new tokens; matmul peak fp32 {peak} GFLOP/s",
+           ["nanotune model", "tok/s", "vs nanotune fp32"], rows, {"matmul_peak_gflops": peak})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ bench/README.md keeps the figures.
 | chunked_loss      | losses.causal_lm_loss_sum over the full logits                | output_layer_lm_loss_sum: the output layer a chunk of positions at a time |
 | kv_cache          | generation.generate: the whole sequence through the model for every new token | generation.generate_with_cache |
 | packed_weights    | nn.Linear while decoding (bf16)                               | PackedLinear: weights packed once for the CPU's matrix product |
+| quantized_decoding | bitsandbytes' layers and the fp32 output layer while decoding a quantized model | Int8Linear: PyTorch's int8 weight-only kernel; the output layer read in bf16 |
 | fast_sampling     | torch.multinomial                                             | sample: inverse transform sampling |
 | keep_freed_memory | the C library's malloc as it is                               | keep_freed_memory: each step reuses the last step's memory |
 | quantize_in_pieces | bitsandbytes' quantize_4bit on a whole matrix                | quantize_4bit_by_rows, and freed memory handed back after each quantized layer |
@@ -31,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NAMES = ("dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "fast_sampling",
-         "keep_freed_memory", "quantize_in_pieces")
+NAMES = ("dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "quantized_decoding",
+         "fast_sampling", "keep_freed_memory", "quantize_in_pieces")
 _off = set()            # the tricks turned off in this process
 
 
@@ -250,36 +251,91 @@ class PackedLinear(nn.Module):
     decoding step multiplies it by a few rows only, that re-arranging is most of the cost. The same
     product, in the same kernel's arithmetic; the packed weight serves any number of rows.
     (fp32 weights are not packed: MKL's packed fp32 product measured no faster here, and it doubles
-    the memory the weights take; see bench/README.md.)"""
+    the memory the weights take; see bench/README.md.) With `dtype=torch.bfloat16` an fp32 layer is
+    packed as a bf16 copy (quantized_decoding, below); its inputs are cast to bf16 and its outputs back."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, dtype=None):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight)
+        self.dtype = dtype or linear.weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(self.dtype))
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        bias = None if self.bias is None else self.bias.to(self.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, bias, "none", [], "").to(x.dtype)
 
 
 def packs(linear):
     """Whether PackedLinear serves this layer: a plain (not quantized, which are nn.Linear
     subclasses) bf16 CPU layer, where oneDNN supports bf16."""
     return (type(linear) is nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and _bf16_packing())
+
+
+def _bf16_packing():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# ---- quantized_decoding ----------------------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    """A bitsandbytes LLM.int8 layer (Linear8bitLt) for decoding on CPU, through PyTorch's own
+    int8 weight-only kernel. LLM.int8 stores each weight row as int8 with one scale per row
+    (the row's largest magnitude over 127): exactly the layout `_weight_int8pack_mm` takes, so the
+    weight is used as stored, nothing is copied. The kernel multiplies bf16 activations by the
+    dequantized weight, row scale by row scale: the layer's own product, x times the weight it
+    stores, without bitsandbytes' further rounding of the activations to int8 (and fed bf16,
+    its fast input type). Decoding reads the weights once a token, so reading 1 byte a weight
+    instead of 4 is what makes a step faster."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.weight, self.bias = layer.weight, layer.bias
+        row_absmax = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB   # moved to .state by a forward
+        self.scales = (row_absmax.float() / 127).to(torch.bfloat16)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight.data, self.scales).view(*x.shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def int8_decodes(layer):
+    return type(layer).__name__ == "Linear8bitLt" and layer.weight.device.type == "cpu"
+
+
+def reads_output_layer_in_bf16(model):
+    """A quantized model's output layer (GPT-2's is its fp32 embedding, 50,257 x 768, kept in full
+    precision) is the largest weight a decoding step reads: more bytes than all its 4-bit layers
+    together. Decoding reads a bf16 copy of it instead, packed: half the bytes, and rounding well
+    below what quantizing the other layers already changed."""
+    quantized = any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
+    head = getattr(model, "lm_head", None)
+    return (quantized and type(head) is nn.Linear and head.weight.device.type == "cpu"
+            and head.weight.dtype == torch.float32 and _bf16_packing())
 
 
 @contextmanager
 def packed_linears(model):
-    """Swap the model's bf16 linear layers for PackedLinear ones while decoding, and put the
-    originals back afterwards."""
-    swapped = [(parent, name, child) for parent in list(model.modules())
-               for name, child in parent.named_children() if packs(child)]
-    for parent, name, child in swapped:
-        setattr(parent, name, PackedLinear(child))
+    """While decoding: swap the model's bf16 linear layers for PackedLinear ones (packed_weights)
+    and, for a quantized model, its LLM.int8 layers for Int8Linear ones and its output layer for a
+    bf16 PackedLinear (quantized_decoding); put the originals back afterwards."""
+    def fast_twin(parent, name, child):
+        if enabled("packed_weights") and packs(child):
+            return PackedLinear(child)
+        if enabled("quantized_decoding") and int8_decodes(child):
+            return Int8Linear(child)
+        if enabled("quantized_decoding") and parent is model and name == "lm_head" and reads_output_layer_in_bf16(model):
+            return PackedLinear(child, torch.bfloat16)
+        return None
+    swapped = [(parent, name, child, twin) for parent in list(model.modules()) for name, child in parent.named_children()
+               if (twin := fast_twin(parent, name, child)) is not None]
+    for parent, name, child, twin in swapped:
+        setattr(parent, name, twin)
     try:
         yield
     finally:
-        for parent, name, child in swapped:
+        for parent, name, child, _ in swapped:
             setattr(parent, name, child)
 
 

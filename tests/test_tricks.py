@@ -223,6 +223,38 @@ def test_packed_linears_compute_what_the_plain_ones_do_and_are_put_back(tiny_gpt
     assert not tricks.packs(GPT2.from_pretrained(tiny_gpt2).lm_head)           # fp32 is not packed
 
 
+# ---- quantized_decoding ----------------------------------------------------------------------------
+
+def test_int8_kernel_multiplies_by_the_weight_llm_int8_stores(tiny_gpt2):
+    from nanotune.quantize import dequantized_weight
+    model = GPT2.from_pretrained(tiny_gpt2, quantize=QuantConfig("8bit"))
+    layer = model.transformer.h[0].mlp.c_fc
+    assert tricks.int8_decodes(layer)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(3, 5, layer.in_features)
+    expected = x @ dequantized_weight(layer).T + layer.bias
+    got = tricks.Int8Linear(layer)(x)
+    assert got.dtype == x.dtype and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())  # bf16 activations
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_quantized_decoding_picks_the_tokens_the_plain_layers_pick(tiny_gpt2, mode):
+    """Greedy tokens from the fast kernels and the bf16 output layer equal the same quantized
+    model's through bitsandbytes' layers and the fp32 output layer; the layers are put back."""
+    model = GPT2.from_pretrained(tiny_gpt2, quantize=QuantConfig(mode))
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    prompts = [[5, 17, 99, 3], [42, 8]]
+    with tricks.plain(["quantized_decoding"]):
+        slow = generate(model, prompts, 24, 0, temperature=0)
+    assert generate(model, prompts, 24, 0, temperature=0) == slow
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+    if tricks._bf16_packing():
+        assert tricks.reads_output_layer_in_bf16(model)
+    assert not tricks.reads_output_layer_in_bf16(GPT2.from_pretrained(tiny_gpt2))     # full precision stays fp32
+
+
 @pytest.mark.parametrize("use_trick", [True, False])
 def test_sampling_draws_each_token_with_its_probability(use_trick):
     """Inverse transform sampling and torch.multinomial: each token with its own probability,

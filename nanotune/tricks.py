@@ -10,7 +10,7 @@ bench/README.md keeps the figures.
 | name              | plain version (where a reader meets it)                       | fast twin (here)                |
 |-------------------|---------------------------------------------------------------|---------------------------------|
 | dropout_mask      | F.dropout (dropout.Dropout)                                   | dropout: a 1-byte mask from numpy's PCG64 |
-| attention         | attention() in gpt2.py and bert.py: scores, mask, softmax, dropout, times v | causal_attention, attention: PyTorch's fused kernel; on CPU with dropout, blocks of queries and DropoutThenMatmul |
+| attention         | attention() in gpt2.py and bert.py: scores, mask, softmax, dropout, times v | causal_attention, attention: PyTorch's fused kernel; on CPU with dropout, scores in blocks of queries and DropoutThenMatmul |
 | chunked_loss      | losses.causal_lm_loss_sum over the full logits                | output_layer_lm_loss_sum: the output layer a chunk of positions at a time |
 | kv_cache          | generation.generate: the whole sequence through the model for every new token | generation.generate_with_cache |
 | packed_weights    | nn.Linear while decoding (bf16)                               | PackedLinear: weights packed once for the CPU's matrix product |
@@ -171,8 +171,25 @@ def causal_attention_in_blocks(q, k, v, mask, p, block=256):
 
 
 def attention(q, k, v, mask, dropout_p):
-    """bert.attention in PyTorch's fused kernel: the same softmax(q k^T / sqrt(hs), masked) v."""
+    """bert.attention in PyTorch's fused kernel: the same softmax(q k^T / sqrt(hs), masked) v.
+    Training on CPU with dropout takes `attention_with_dropout` (the fused CPU kernels cannot drop
+    weights; see causal_attention)."""
+    if dropout_p > 0 and q.device.type == "cpu":
+        return attention_with_dropout(q, k, v.contiguous(), mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def attention_with_dropout(q, k, v, mask, p):
+    """softmax(q k^T / sqrt(hs), where mask allows) with dropout, times v: what
+    causal_attention_in_blocks does, for BERT, whose queries all see every real key (one block).
+    Padding keys get an added -inf, broadcast from (B, 1, 1, T); the dropped weights are never
+    kept, only their 1-byte mask (DropoutThenMatmul), where PyTorch's dropout keeps a float mask
+    and the dropped weights both."""
+    q = q * (1.0 / math.sqrt(k.size(-1)))
+    att = q @ k.transpose(-2, -1)                                                     # (B, nh, T, T)
+    if mask is not None:
+        att = att + torch.zeros(mask.shape, dtype=att.dtype, device=att.device).masked_fill_(~mask, float("-inf"))
+    return DropoutThenMatmul.apply(att.softmax(dim=-1, dtype=att.dtype), v, p)          # (B, nh, T, hs)
 
 
 # ---- chunked_loss ------------------------------------------------------------------------------

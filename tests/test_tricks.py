@@ -120,6 +120,27 @@ def test_bert_fused_attention_equals_the_plain_formula():
     torch.testing.assert_close(tricks.attention(q, k, v, mask, 0.0), textbook, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_bert_attention_with_dropout_equals_the_plain_formula(padded):
+    """BERT's CPU training path (dropout rounded to nothing, as above): values and q, k, v gradients."""
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()[:, None, None, :] if padded else None
+    grad_y = torch.randn(2, 3, 7, 4)
+    results = []
+    for attend in (lambda: tricks.attention(q, k, v, mask, 1e-6), lambda: plain_bert_attention(q, k, v, mask)):
+        y = attend()
+        q.grad = k.grad = v.grad = None
+        y.backward(grad_y)
+        results.append([y, q.grad, k.grad, v.grad])
+    for ours, textbook in zip(*results):
+        torch.testing.assert_close(ours, textbook, rtol=0, atol=1e-5)
+
+
+def plain_bert_attention(q, k, v, mask):
+    with plain(["attention"]):
+        return bert.attention(q, k, v, mask, 0.0)
+
+
 # ---- dropout_mask -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("use_trick", [True, False])

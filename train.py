@@ -23,7 +23,7 @@ from tqdm import tqdm
 from nanotune import NanotuneError, distributed, hub, load_tokenizer, memory, run_folder, search, tricks
 from nanotune.checkpoint import StopSignals, load_state, save_state
 from nanotune.data_report import data_report, format_report
-from nanotune.cli import ArgumentParser, add_plain_flag, device, number, run, text, whole_number
+from nanotune.cli import ArgumentParser, add_plain_flag, device, native_bf16, number, run, text, whole_number
 from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, read_examples, split, truncate
 from nanotune.hub import own_memory, write_json
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
@@ -87,7 +87,10 @@ def parser():
     g.add_argument("--warmup-steps", type=whole_number(0), default=0, help="optimizer steps of linear warm-up")
     g.add_argument("--weight-decay", type=number(0), default=0.01, help="AdamW decoupled weight decay (linear-layer matrices only)")
     g.add_argument("--max-grad-norm", type=number(0), default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (weights and optimizer stay fp32)")
+    precision = g.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true",
+                           help="bfloat16 autocast for the forward pass (weights and optimizer stay fp32); the default where the hardware multiplies bf16 natively")
+    precision.add_argument("--fp32", action="store_true", help="no bf16 autocast, even where the hardware has it: every product in fp32")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
     g.add_argument("--freeze", metavar="WHAT", type=layers_to_freeze, help="keep fixed: embeddings, N (embeddings + first N layers), or body (all but the head)")
     g.add_argument("--class-weights", choices=["balanced"], help="classification: weight each label by 1/frequency")
@@ -474,6 +477,10 @@ def main(args):
     if device.type == "cpu" and tricks.enabled("keep_freed_memory"):
         tricks.keep_freed_memory()                           # each step reuses the last step's memory
     torch.manual_seed(args.seed)
+    # bf16 autocast where the hardware multiplies bf16 natively: the matrix products run 2-3x faster,
+    # and fine-tuning reaches the same loss, because only the products round to bf16's 8-bit
+    # mantissa while the weights, their gradients and AdamW's moments stay fp32.
+    args.bf16 = args.bf16 or (not args.fp32 and native_bf16(device))
 
     # Nothing is written until everything is read and checked: the flags (as they were parsed), the
     # output folder, the data, the model and its tokenizer, and that there is something to learn.
@@ -545,7 +552,8 @@ def main(args):
     total_steps = steps_per_epoch * args.epochs
     trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), parameter_count(model)
     say(f"model: {args.model} ({task}), {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}),"
-        f" {footprint_bytes(model) / 2**20:,.1f} MiB in memory (fp32: {total * 4 / 2**20:,.1f} MiB), on {device};"
+        f" {footprint_bytes(model) / 2**20:,.1f} MiB in memory (fp32: {total * 4 / 2**20:,.1f} MiB), on {device}"
+        f" ({'bf16 autocast' if args.bf16 else 'fp32'});"
         f" {args.epochs} epochs of {steps_per_epoch} steps" + (f" on each of {world} ranks" if world > 1 else ""))
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     output_weight = model.lm_head.weight if task == "lm" and not args.fsdp else None   # FSDP keeps it sharded

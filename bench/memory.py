@@ -25,7 +25,7 @@ def run_cell(folder, size, precision, mode, checkpointing, seq):
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(folder), "--data", str(ROOT / "data" / "anecdotes_jokes.txt"),
                "--pack", "--max-length", str(seq), "--batch-size", str(BATCH[size][seq]), "--epochs", "1", "--out", out,
-               *MODES[mode], *(["--bf16"] if precision == "bf16" else []), *(["--grad-checkpointing"] if checkpointing else [])]
+               *MODES[mode], "--bf16" if precision == "bf16" else "--fp32", *(["--grad-checkpointing"] if checkpointing else [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

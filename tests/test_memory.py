@@ -18,7 +18,7 @@ def small_gpt2(tmp_path_factory, bpe_dir):
 
 
 @pytest.mark.parametrize("flags", [
-    [],                                                       # fp32, full fine-tuning
+    ["--fp32"],                                               # full fine-tuning
     ["--bf16", "--grad-checkpointing", "--lora-r", "8"],
     ["--quantize", "4bit"],
 ])

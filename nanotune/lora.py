@@ -50,7 +50,10 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
 
     def forward(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))        # B A x: rank r, then back to full width
+        # Scaled within the addition: one full-width temporary fewer, so fewer large blocks for
+        # malloc to place the small saved (..., r) tensors between (which leaves the heap in pieces).
+        return torch.add(self.base_layer(x), update, alpha=self.scaling)
 
     def merged(self) -> nn.Linear:
         """A plain linear layer with W + (alpha / r) B A, de-quantized if the base was quantized."""

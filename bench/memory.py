@@ -37,11 +37,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="tiny,124M")
     p.add_argument("--quick", action="store_true", help="five cells that still vary every setting once")
+    p.add_argument("--modes", default=",".join(MODES), help=f"training modes to run, of {', '.join(MODES)}")
     args = p.parse_args()
     rows, errors = [], []
     for size in args.sizes.split(","):
         folder = with_tokenizer(checkpoint(size))
-        grid = itertools.product(("fp32", "bf16"), MODES, (False, True), (128, 512))
+        grid = itertools.product(("fp32", "bf16"), args.modes.split(","), (False, True), (128, 512))
         if args.quick:
             grid = [("fp32", "full", False, 128), ("fp32", "full", True, 128), ("bf16", "lora", False, 512),
                     ("fp32", "8bit", True, 512), ("bf16", "4bit", False, 128)]

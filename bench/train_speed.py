@@ -27,6 +27,22 @@ def batches(n, batch, T, vocab, seed=0):
     return [torch.randint(0, vocab, (batch, T), generator=g) for _ in range(n)]
 
 
+def timed_steps(model, opt, data, bf16, loss_of):
+    """The body of train.py's loop, minus the bookkeeping: (losses, seconds) of each step."""
+    losses, times = [], []
+    for batch in data:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter() - start)
+    return losses, times
+
+
 def run_nanotune(folder, data, bf16, dropout=True, checkpointing=False):
     from nanotune import GPT2
     from nanotune.optim import make_optimizer
@@ -40,19 +56,11 @@ def run_nanotune(folder, data, bf16, dropout=True, checkpointing=False):
                 m.p = 0.0
             if hasattr(m, "attn_pdrop"):
                 m.attn_pdrop = 0.0
-    opt = make_optimizer(model, 5e-5, 0.0)
-    losses, times = [], []
-    for ids in data:                       # the body of train.py's loop, minus the bookkeeping
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            total, count = output_layer_lm_loss_sum(model(ids, output_layer=False), model.lm_head.weight, ids)
-        (total / count).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append((total / count).item())
-        times.append(time.perf_counter() - start)
-    return losses, times
+
+    def loss_of(ids):
+        total, count = output_layer_lm_loss_sum(model(ids, output_layer=False), model.lm_head.weight, ids)
+        return total / count
+    return timed_steps(model, make_optimizer(model, 5e-5, 0.0), data, bf16, loss_of)
 
 
 def run_plain_loop(folder, data, bf16, dropout=True, checkpointing=False):
@@ -62,18 +70,7 @@ def run_plain_loop(folder, data, bf16, dropout=True, checkpointing=False):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
-    losses, times = [], []
-    for ids in data:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        times.append(time.perf_counter() - start)
-    return losses, times
+    return timed_steps(model, opt, data, bf16, lambda ids: model(input_ids=ids, labels=ids).loss)
 
 
 def run_nanotune_classifier(folder, data, bf16):
@@ -83,38 +80,16 @@ def run_nanotune_classifier(folder, data, bf16):
     from nanotune.tricks import keep_freed_memory
     keep_freed_memory()
     model = BertClassifier.from_pretrained(folder, num_labels=2).train()
-    opt = make_optimizer(model, 5e-5, 0.01)
-    losses, times = [], []
-    for ids, labels in data:               # the body of train.py's loop for classification
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids, torch.ones_like(ids))
-        loss = classification_loss(logits.float(), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        times.append(time.perf_counter() - start)
-    return losses, times
+    loss_of = lambda batch: classification_loss(model(batch[0], torch.ones_like(batch[0])).float(), batch[1])
+    return timed_steps(model, make_optimizer(model, 5e-5, 0.01), data, bf16, loss_of)
 
 
 def run_plain_loop_classifier(folder, data, bf16):
     from transformers import BertForSequenceClassification
     model = BertForSequenceClassification.from_pretrained(folder, num_labels=2).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-    losses, times = [], []
-    for ids, labels in data:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        times.append(time.perf_counter() - start)
-    return losses, times
+    loss_of = lambda batch: model(input_ids=batch[0], attention_mask=torch.ones_like(batch[0]), labels=batch[1]).loss
+    return timed_steps(model, opt, data, bf16, loss_of)
 
 
 def run_trainer(folder, data, bf16):

@@ -84,16 +84,20 @@ def test_attention_in_blocks_equals_the_plain_formula(T, padded):
     if padded:
         padding[0, :T // 2] = 0
     mask = gpt2.attention_mask_for(padding, T, 0, "cpu") if padded else tricks.causal_mask(T, T, "cpu")
-    grad_y = torch.randn(2, 3, T, 4)
+    assert_same_values_and_gradients(q, k, v, lambda: tricks.causal_attention_in_blocks(q, k, v, mask, 1e-6, block=4),
+                                     lambda: plain_gpt2_attention(q, k, v, mask if padded else None))
+
+
+def assert_same_values_and_gradients(q, k, v, fast, textbook):
+    grad_y = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
     results = []
-    for attend in (lambda: tricks.causal_attention_in_blocks(q, k, v, mask, 1e-6, block=4),
-                   lambda: plain_gpt2_attention(q, k, v, mask if padded else None)):
+    for attend in (fast, textbook):
         y = attend()
         q.grad = k.grad = v.grad = None
         y.backward(grad_y)
         results.append([y, q.grad, k.grad, v.grad])
-    for ours, textbook in zip(*results):
-        torch.testing.assert_close(ours, textbook, rtol=0, atol=1e-5)
+    for ours, plain_one in zip(*results):
+        torch.testing.assert_close(ours, plain_one, rtol=0, atol=1e-5)
 
 
 def plain_gpt2_attention(q, k, v, mask, dropout_p=0.0):
@@ -125,15 +129,7 @@ def test_bert_attention_with_dropout_equals_the_plain_formula(padded):
     """BERT's CPU training path (dropout rounded to nothing, as above): values and q, k, v gradients."""
     q, k, v = (torch.randn(2, 3, 7, 4, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()[:, None, None, :] if padded else None
-    grad_y = torch.randn(2, 3, 7, 4)
-    results = []
-    for attend in (lambda: tricks.attention(q, k, v, mask, 1e-6), lambda: plain_bert_attention(q, k, v, mask)):
-        y = attend()
-        q.grad = k.grad = v.grad = None
-        y.backward(grad_y)
-        results.append([y, q.grad, k.grad, v.grad])
-    for ours, textbook in zip(*results):
-        torch.testing.assert_close(ours, textbook, rtol=0, atol=1e-5)
+    assert_same_values_and_gradients(q, k, v, lambda: tricks.attention(q, k, v, mask, 1e-6), lambda: plain_bert_attention(q, k, v, mask))
 
 
 def plain_bert_attention(q, k, v, mask):

@@ -240,6 +240,23 @@ def test_packed_linears_compute_what_the_plain_ones_do_and_are_put_back(tiny_gpt
     assert not tricks.packs(GPT2.from_pretrained(tiny_gpt2).lm_head)           # fp32 is not packed
 
 
+def test_transposed_output_layer_computes_what_the_plain_one_does_and_follows_its_weight(tiny_gpt2):
+    model = GPT2.from_pretrained(tiny_gpt2)
+    head = model.lm_head
+    x = torch.randn(3, 1, head.in_features)
+    with torch.inference_mode(), tricks.packed_linears(model):
+        assert type(model.lm_head) is tricks.TransposedLinear
+        torch.testing.assert_close(model.lm_head(x), head(x), rtol=1e-5, atol=1e-5)
+        kept = model.lm_head.transposed
+    with torch.inference_mode(), tricks.packed_linears(model):
+        assert model.lm_head.transposed is kept                     # made once, reused
+    assert model.lm_head is head
+    with torch.no_grad():
+        head.weight.mul_(2)                                          # a changed weight gets a new copy
+    with torch.inference_mode(), tricks.packed_linears(model):
+        torch.testing.assert_close(model.lm_head(x), head(x), rtol=1e-5, atol=1e-5)
+
+
 # ---- quantized_decoding ----------------------------------------------------------------------------
 
 def test_int8_kernel_multiplies_by_the_weight_llm_int8_stores(tiny_gpt2):

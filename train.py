@@ -540,7 +540,7 @@ def main(args):
     # AdamW: Adam with weight decay applied to the weights directly, not through the gradient, so
     # that Adam's per-weight scaling does not weaken it (see nanotune/optim.py for what decays).
     # 5e-5: small, because the pre-trained weights are already good; large steps would erase them.
-    own_memory(p for p in model.parameters() if p.requires_grad)   # trained weights leave the checkpoint file
+    own_memory(p for p in model.parameters() if p.requires_grad)   # trained weights leave the checkpoint file (before DDP sees them)
     train_model = distributed.wrap(model, device, args.fsdp) if world > 1 else model
     optimizer = make_optimizer(model, args.lr, args.weight_decay, lr_decay=args.lr_decay)
     may_train = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # for gradual unfreezing

@@ -309,6 +309,11 @@ def packs(linear):
             and _bf16_packing())
 
 
+def transposes(linear):
+    """Whether TransposedLinear serves this output layer: a plain fp32 CPU layer."""
+    return type(linear) is nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
+
+
 def _bf16_packing():
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -355,17 +360,18 @@ def reads_output_layer_in_bf16(model):
 @contextmanager
 def packed_linears(model):
     """While decoding: swap the model's bf16 linear layers for PackedLinear ones and an fp32 output
-    layer for a TransposedLinear (packed_weights) and, for a quantized model, its LLM.int8 layers for Int8Linear ones and its output layer for a
-    bf16 PackedLinear (quantized_decoding); put the originals back afterwards."""
+    layer for a TransposedLinear (packed_weights); for a quantized model, its LLM.int8 layers for
+    Int8Linear ones and its output layer for a bf16 PackedLinear (quantized_decoding). The
+    originals are put back afterwards."""
     def fast_twin(parent, name, child):
+        is_head = parent is model and name == "lm_head"
         if enabled("packed_weights") and packs(child):
             return PackedLinear(child)
         if enabled("quantized_decoding") and int8_decodes(child):
             return Int8Linear(child)
-        if enabled("quantized_decoding") and parent is model and name == "lm_head" and reads_output_layer_in_bf16(model):
+        if is_head and enabled("quantized_decoding") and reads_output_layer_in_bf16(model):
             return PackedLinear(child, torch.bfloat16)
-        if (enabled("packed_weights") and parent is model and name == "lm_head" and type(child) is nn.Linear
-                and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32):
+        if is_head and enabled("packed_weights") and transposes(child):
             return TransposedLinear(child)
         return None
     swapped = [(parent, name, child, twin) for parent in list(model.modules()) for name, child in parent.named_children()

@@ -5,8 +5,9 @@ Weights, gradients and the optimizer's state are counted from config.json. What 
 for backward depends on every detail of the step (dropout masks, attention kernels, autocast's
 copies, LoRA's extra products, bitsandbytes' own matmuls), so it is measured instead: a tiny model
 of the same family, built with the same options, runs one forward pass at three batch shapes
-while autograd's saved tensors are counted, and the per-block cost found (bytes per batch x
-length x width, per attention weight, and a constant) is scaled to the real shapes.
+while autograd's saved tensors (and the tensors functions hold on their autograd context) are
+counted, and the per-block cost found (bytes per batch x length x width, per attention weight, and
+a constant) is scaled to the real shapes.
 """
 import importlib.util
 import resource
@@ -17,7 +18,8 @@ import torch
 
 MiB = 2**20
 ALLOCATOR_KEEPS = 0.25         # bytes malloc keeps per byte a training step makes and frees (CPU)
-RUN_ADDS = 130 * MiB           # what the run's kernels and buffers add after the estimate (CPU)
+ADAPTER_PIECES = 2.5           # (batch x length x MLP width) tensors a LoRA block leaves in pieces (CPU)
+RUN_ADDS = 60 * MiB            # what the run's kernels and buffers add after the estimate (CPU)
 
 
 def rss_now():
@@ -136,8 +138,10 @@ def probe(config, quant, lora, bf16, labels=2):
             return t
         ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(ids, output_layer=False) if is_gpt2 else model(ids, torch.ones_like(ids))
-        return (sum(n for n, mask in found.values() if not mask), sum(n for n, mask in found.values() if mask))
+            out = model(ids, output_layer=False) if is_gpt2 else model(ids, torch.ones_like(ids))
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held_on_context(out)
+                if t.untyped_storage().data_ptr() not in params | found.keys()}
+        return (sum(n for n, mask in found.values() if not mask), sum(n for n, mask in found.values() if mask), sum(held.values()))
 
     # A whole step first, backward and AdamW's step included: it starts what every run starts
     # (thread pools, kernels, their buffers), so that the memory measured after it holds them.
@@ -155,8 +159,23 @@ def probe(config, quant, lora, bf16, labels=2):
     fit = lambda y: np.linalg.lstsq(A, np.array(y, dtype=float), rcond=None)[0]
     block = fit([t[0] - o[0] for t, o in zip(two, one)])
     masks = fit([t[1] - o[1] for t, o in zip(two, one)])
-    outside = fit([2 * o[0] - t[0] + 2 * o[1] - t[1] for t, o in zip(two, one)])
-    return {"block": block, "masks": masks, "outside": outside}
+    held = fit([t[2] - o[2] for t, o in zip(two, one)])
+    outside = fit([2 * o[0] - t[0] + 2 * o[1] - t[1] + 2 * o[2] - t[2] for t, o in zip(two, one)])
+    return {"block": block, "masks": masks, "held": held, "outside": outside}
+
+
+def held_on_context(output):
+    """Tensors that autograd functions keep as attributes of their context instead of saving them
+    (bitsandbytes' 8-bit layers keep their input so): saved-tensor hooks do not see them, and
+    checkpointing does not drop them."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield from (v for v in getattr(node, "__dict__", {}).values() if isinstance(v, torch.Tensor))
+        stack.extend(f for f, _ in node.next_functions)
 
 
 _probes = {}
@@ -192,17 +211,19 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     parts["optimizer state (AdamW: two moments)"] = 8 * trainable
     BTC, attention = batch * seq * C, batch * nh * seq * seq
     per_block = lambda fit: max(0.0, fit[0] * BTC + fit[1] * attention + fit[2])
-    # Checkpointing keeps each block's input (fp32) and recomputes one block at a time in backward.
-    kept = {False: L * per_block(act["block"]) + per_block(act["outside"]),
-            True: L * 4 * BTC + per_block(act["block"]) + per_block(act["outside"])}
+    # Checkpointing keeps each block's input (fp32) and recomputes one block at a time in backward;
+    # it drops what autograd saved, but not what a function holds on its context.
+    held = L * per_block(act["held"])
+    kept = {False: L * per_block(act["block"]) + per_block(act["outside"]) + held,
+            True: L * 4 * BTC + per_block(act["block"]) + per_block(act["outside"]) + held}
     masks = {False: L * per_block(act["masks"]), True: per_block(act["masks"])}
     parts["activations kept for backward" + (" (--grad-checkpointing)" if checkpointing else "")] = kept[checkpointing]
     parts["dropout masks"] = masks[checkpointing]
     rows = batch * seq
     if is_gpt2 and chunked_loss:
-        # a chunk's logits in fp32, their softmax and gradient made in place; in bf16 also the
-        # product's own bf16 result and the gradient's bf16 copy
-        parts[f"output layer: logits, {min(chunk, rows)} positions at a time"] = min(chunk, rows) * V * (8 if bf16 else 4)
+        # a chunk's logits in fp32, their softmax and gradient made in place; in bf16 also one bf16
+        # copy beside them (the product's own result, then the gradient's cast)
+        parts[f"output layer: logits, {min(chunk, rows)} positions at a time"] = min(chunk, rows) * V * (6 if bf16 else 4)
         if bf16:
             parts["output layer: its weight in bf16, for the step"] = 2 * V * C
     elif is_gpt2:
@@ -219,6 +240,11 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
         made_and_freed = kept[checkpointing] + masks[checkpointing] + parts["gradients (fp32, of what trains)"] + sum(
             v for k, v in parts.items() if k.startswith(("output layer: logits", "the largest")))
         parts["the allocator: freed memory kept in pieces, and kernels' buffers"] = ALLOCATOR_KEEPS * made_and_freed + RUN_ADDS
+        if lora is not None:
+            # Each adapted layer makes full-width tensors a plain layer does not (the frozen layer's
+            # output, the update, their sum, the dropped input), and the small tensors a block keeps
+            # land in the holes they leave: every block's MLP-wide temporaries then need fresh heap.
+            parts["the allocator: pieces between LoRA's temporaries"] = ADAPTER_PIECES * L * rows * inner * (2 if bf16 else 4)
     parts["total"] = sum(parts.values())
     swap = kept[not checkpointing] + masks[not checkpointing] - kept[checkpointing] - masks[checkpointing]
     other = parts["total"] + swap * (1 + (0 if on_gpu else ALLOCATOR_KEEPS))

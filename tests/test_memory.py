@@ -21,6 +21,7 @@ def small_gpt2(tmp_path_factory, bpe_dir):
     ["--fp32"],                                               # full fine-tuning
     ["--bf16", "--grad-checkpointing", "--lora-r", "8"],
     ["--quantize", "4bit"],
+    ["--quantize", "8bit", "--grad-checkpointing"],           # bitsandbytes keeps each layer's input on its context
 ])
 def test_the_estimate_is_within_20_percent_of_the_measured_peak(small_gpt2, tmp_path, flags):
     r = run_cli("train.py", "--model", small_gpt2, "--data", "anecdotes_jokes.txt", "--pack", "--max-length", 512,
@@ -50,6 +51,17 @@ def test_checkpointing_and_quantization_lower_the_estimate():
     assert plain["total with --grad-checkpointing"] < 0.6 * plain["total"]
     ckpt = memory.estimate(config, 8, 1024, baseline=0, checkpointing=True)
     assert ckpt["total"] == pytest.approx(plain["total with --grad-checkpointing"], rel=1e-6)
+
+
+def test_the_inputs_bitsandbytes_keeps_on_its_context_are_counted_under_checkpointing():
+    from nanotune.lora import DEFAULT_TARGETS, LoRAConfig
+    from nanotune.quantize import QuantConfig
+    config, lora, kept = config_to_dict(GPT2Config()), LoRAConfig(DEFAULT_TARGETS["gpt2"]), "activations kept for backward (--grad-checkpointing)"
+    fp32 = memory.estimate(config, 8, 128, lora=lora, checkpointing=True, baseline=0)
+    int8 = memory.estimate(config, 8, 128, quant=QuantConfig("8bit"), lora=lora, checkpointing=True, baseline=0)
+    # checkpointing drops saved tensors, but each 8-bit layer holds its input (fp32) on its autograd
+    # context: per block three (B, T, C) and one (B, T, 4C)
+    assert int8[kept] - fp32[kept] == pytest.approx(12 * 7 * 8 * 128 * 768 * 4, rel=0.05)
 
 
 def test_a_run_that_would_not_fit_is_refused_with_settings_that_would(monkeypatch):

@@ -66,6 +66,7 @@ def parser():
     g.add_argument("--label-column", default="label", type=text("a column name"), help="label field of .jsonl/.csv/.tsv files (classification)")
     g.add_argument("--max-length", type=whole_number(2), help="tokens per example (default: the model's context); longer LM texts are cut into windows, longer classification texts truncated")
     g.add_argument("--pack", action="store_true", help="LM: concatenate texts (EOS between) into full --max-length blocks, no padding")
+    g.add_argument("--group-by-length", action="store_true", help="batches of examples of similar length: less padding, batches still in random order")
     g.add_argument("--stride", type=whole_number(1), help="LM: cut long texts into windows this many tokens apart (default: --max-length, side by side);"
                    " a smaller stride overlaps them, so every token is scored once but with context from the window before")
     g.add_argument("--truncate", choices=["head", "tail", "head+tail"], default="head",
@@ -529,7 +530,9 @@ def main(args):
         + (f", labels {labels}" if labels else "")
         + (f"; {too_long} examples longer than {max_length} tokens were " + ("split into windows" if task == "lm" else "truncated") if too_long else ""))
     class_weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights == "balanced" else None
-    first_batch = make_batch(task, train_ids, train_labels, batch_order(len(train_ids), args.batch_size, args.seed, 0)[0], tokenizer.pad_id, "cpu")
+    lengths = [len(ids) for ids in train_ids] if args.group_by_length else None
+    first_batch = make_batch(task, train_ids, train_labels, batch_order(len(train_ids), args.batch_size, args.seed, 0, lengths=lengths)[0],
+                             tokenizer.pad_id, "cpu")
     if args.show_batch or args.dry_run:                      # the batch as the model sees it; nothing is trained or written
         notes = batch_notes(first_batch, tokenizer, task, report["lengths"]["longer"], max_length, report["lengths"]["tokens_beyond"],
                             args.pack, args.truncate)
@@ -583,7 +586,9 @@ def main(args):
             lowest = unfreeze_gradually(model, may_train, epoch)
             say(f"epoch {epoch + 1}: training " + ("everything" if lowest == 0 else f"from block {lowest - 1} up" if lowest <= layers_of(model) else "the head only"))
         # A new order of the examples every epoch, the same for the same seed (and after a resume).
-        batches = batch_order(len(train_ids), args.batch_size, args.seed, epoch, rank=rank, world=world)
+        # Each batch is padded to its longest example; --group-by-length puts examples of similar
+        # length together, so that less of the compute goes to padding.
+        batches = batch_order(len(train_ids), args.batch_size, args.seed, epoch, rank=rank, world=world, lengths=lengths)
         steps = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
         first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         bar = tqdm(range(first, len(steps)), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(steps), initial=first,

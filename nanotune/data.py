@@ -165,16 +165,32 @@ def pack(token_lists, block_size, eos_id):
     return [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
 
 
-def batch_order(n, batch_size, seed, epoch, shuffle=True, rank=0, world=1):
+def batch_order(n, batch_size, seed, epoch, shuffle=True, rank=0, world=1, lengths=None):
     """Lists of example indices, one per batch; the order depends only on (seed, epoch), so a
     resumed run sees exactly the batches the interrupted one would have seen.
     With several ranks, rank r takes every world-th example of the order, starting at r: each
     rank's batch i together are the examples of the one big batch i of a single process. Every rank
     takes n // world examples, so all run the same number of steps (a few are left out per epoch,
-    different ones each time)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else list(range(n))
+    different ones each time).
+    With `lengths` (--group-by-length), each batch holds examples of similar length, so less of it
+    is padding: the shuffled order is cut into groups of 50 batches, each group sorted by length
+    and cut into batches, and the batches are shuffled. Still random, only less mixed in length."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    if lengths is not None:
+        order = grouped_by_length(order, lengths, batch_size * world, generator)
     mine = order[rank::world][:n // world]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def grouped_by_length(order, lengths, batch, generator, batches_per_group=50):
+    """`order` rearranged so that each run of `batch` indices has similar lengths (longest first in
+    a group), the whole runs in a random order and a last, short run kept last."""
+    group = batch * batches_per_group
+    order = [i for start in range(0, len(order), group) for i in sorted(order[start:start + group], key=lambda i: -lengths[i])]
+    runs = [order[i:i + batch] for i in range(0, len(order), batch)]
+    last = [runs.pop()] if runs and len(runs[-1]) < batch else []
+    return [i for r in torch.randperm(len(runs), generator=generator).tolist() for i in runs[r]] + [i for run in last for i in run]
 
 
 def truncate(ids, max_length, keep="head"):

@@ -222,13 +222,14 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
             grad[torch.arange(len(y), device=y.device), y] -= 1.0        # minus the one-hot target
             grad = grad.mul_(scored[:, None]).to(dtype)                  # ignored rows add nothing
             grad_hidden[start:start + chunk] = grad @ weight_lp
-            if weight.requires_grad and grad_weight is None:
-                grad_weight = (grad.t() @ h).to(weight.dtype)            # (V, C)
-            elif weight.requires_grad and dtype == weight.dtype:
-                grad_weight.addmm_(grad.t(), h)                          # in place: no (V, C) temporary
-            elif weight.requires_grad:   # a slice at a time: no (V, C) fp32 temporary for the cast
-                for acc, part in zip(grad_weight.split(4096), (grad.t() @ h).split(4096)):
-                    acc += part
+            if weight.requires_grad:
+                if grad_weight is None:
+                    grad_weight = (grad.t() @ h).to(weight.dtype)        # (V, C)
+                elif dtype == weight.dtype:
+                    grad_weight.addmm_(grad.t(), h)                      # in place: no (V, C) temporary
+                else:   # a slice at a time: no (V, C) fp32 temporary for the cast
+                    for acc, part in zip(grad_weight.split(4096), (grad.t() @ h).split(4096)):
+                        acc += part
             del logits, grad           # freed before the next chunk's logits: one chunk alive, not two
         ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight)
         return total

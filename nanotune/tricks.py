@@ -13,7 +13,7 @@ bench/README.md keeps the figures.
 | attention         | attention() in gpt2.py and bert.py: scores, mask, softmax, dropout, times v | causal_attention, attention: PyTorch's fused kernel; on CPU with dropout, scores in blocks of queries and DropoutThenMatmul |
 | chunked_loss      | losses.causal_lm_loss_sum over the full logits                | output_layer_lm_loss_sum: the output layer a chunk of positions at a time |
 | kv_cache          | generation.generate: the whole sequence through the model for every new token | generation.generate_with_cache |
-| packed_weights    | nn.Linear while decoding (bf16; the fp32 output layer)        | PackedLinear: weights packed once for the CPU's matrix product; TransposedLinear |
+| packed_weights    | nn.Linear while decoding (bf16; fp32 at batches > 1; the fp32 output layer) | PackedLinear: weights packed once for the CPU's matrix product; TransposedLinear |
 | quantized_decoding | bitsandbytes' layers and the fp32 output layer while decoding a quantized model | Int8Linear: PyTorch's int8 weight-only kernel; the output layer read in bf16 |
 | fast_sampling     | torch.multinomial                                             | sample: inverse transform sampling |
 | keep_freed_memory | the C library's malloc as it is                               | keep_freed_memory: each step reuses the last step's memory |
@@ -263,13 +263,15 @@ def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
 # ---- packed_weights ------------------------------------------------------------------------------
 
 class PackedLinear(nn.Module):
-    """A bf16 nn.Linear for decoding on CPU, with its weight packed once (by oneDNN) into the layout
+    """An nn.Linear for decoding on CPU, with its weight packed once (by oneDNN) into the layout
     the matrix product works in. A plain product re-arranges the weight at every call, and when a
     decoding step multiplies it by a few rows only, that re-arranging is most of the cost. The same
-    product, in the same kernel's arithmetic; the packed weight serves any number of rows.
-    (fp32 weights are not packed: MKL's packed fp32 product measured no faster here, and it doubles
-    the memory the weights take; see bench/README.md.) With `dtype=torch.bfloat16` an fp32 layer is
-    packed as a bf16 copy (quantized_decoding, below); its inputs are cast to bf16 and its outputs back."""
+    product, summed in the kernel's own order: equal up to rounding. The packed weight serves any
+    number of rows. bf16 layers are packed at any batch; fp32 ones when several sequences decode
+    together (packs(), below: a packed copy doubles the memory the weights take, which pays at
+    several rows, where MKL's plain fp32 product is slowest). With `dtype=torch.bfloat16` an fp32
+    layer is packed as a bf16 copy (quantized_decoding, below); its inputs are cast to bf16 and its
+    outputs back."""
 
     def __init__(self, linear, dtype=None):
         super().__init__()
@@ -302,15 +304,17 @@ class TransposedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def packs(linear):
-    """Whether PackedLinear serves this layer: a plain (not quantized, which are nn.Linear
-    subclasses) bf16 CPU layer, where oneDNN supports bf16."""
-    return (type(linear) is nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.bfloat16
-            and _bf16_packing())
+def packs(linear, rows=1):
+    """Whether PackedLinear serves this layer when `rows` sequences decode together: a plain (not
+    quantized, which are nn.Linear subclasses) CPU layer, in bf16 where oneDNN supports bf16, in
+    fp32 for more than one row."""
+    if type(linear) is not nn.Linear or linear.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return (linear.weight.dtype == torch.bfloat16 and _bf16_packing()) or (linear.weight.dtype == torch.float32 and rows > 1)
 
 
 def transposes(linear):
-    """Whether TransposedLinear serves this output layer: a plain fp32 CPU layer."""
+    """Whether TransposedLinear serves this output layer (when PackedLinear does not): a plain fp32 CPU layer."""
     return type(linear) is nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
 
 
@@ -358,19 +362,19 @@ def reads_output_layer_in_bf16(model):
 
 
 @contextmanager
-def packed_linears(model):
-    """While decoding: swap the model's bf16 linear layers for PackedLinear ones and an fp32 output
-    layer for a TransposedLinear (packed_weights); for a quantized model, its LLM.int8 layers for
-    Int8Linear ones and its output layer for a bf16 PackedLinear (quantized_decoding). The
-    originals are put back afterwards."""
+def packed_linears(model, rows=1):
+    """While decoding `rows` sequences: for a quantized model, swap its LLM.int8 layers for Int8Linear
+    ones and its output layer for a bf16 PackedLinear (quantized_decoding); swap the other linear
+    layers for PackedLinear ones where packs() says so, else an fp32 output layer for a
+    TransposedLinear (packed_weights). The originals are put back afterwards."""
     def fast_twin(parent, name, child):
         is_head = parent is model and name == "lm_head"
-        if enabled("packed_weights") and packs(child):
-            return PackedLinear(child)
         if enabled("quantized_decoding") and int8_decodes(child):
             return Int8Linear(child)
         if is_head and enabled("quantized_decoding") and reads_output_layer_in_bf16(model):
             return PackedLinear(child, torch.bfloat16)
+        if enabled("packed_weights") and packs(child, rows):
+            return PackedLinear(child)
         if is_head and enabled("packed_weights") and transposes(child):
             return TransposedLinear(child)
         return None

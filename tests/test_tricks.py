@@ -237,7 +237,27 @@ def test_packed_linears_compute_what_the_plain_ones_do_and_are_put_back(tiny_gpt
         for a, b in zip(expected, got):
             torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2)          # bf16 keeps 8 bits of mantissa
     assert model.transformer.h[0].mlp.c_fc is layers[0] and model.lm_head is layers[1]
-    assert not tricks.packs(GPT2.from_pretrained(tiny_gpt2).lm_head)           # fp32 is not packed
+
+
+def test_fp32_layers_are_packed_for_several_rows_and_compute_what_the_plain_ones_do(tiny_gpt2):
+    model = GPT2.from_pretrained(tiny_gpt2)
+    layers = [model.transformer.h[0].mlp.c_fc, model.transformer.h[0].attn.c_attn, model.lm_head]
+    assert not tricks.packs(layers[0], rows=1)                 # one row: the weights as they are (no second copy)
+    if not tricks.packs(layers[0], rows=8):
+        pytest.skip("this PyTorch has no oneDNN")
+    with torch.no_grad():
+        layers[0].bias.normal_()
+    inputs = [[torch.randn(rows, 1, layer.in_features) for rows in (8, 3)] + [torch.randn(8, 7, layer.in_features)]
+              for layer in layers]                             # decoding steps, fewer rows left, a prompt
+    textbook = [[layer(x) for x in xs] for layer, xs in zip(layers, inputs)]
+    with torch.inference_mode(), tricks.packed_linears(model, rows=8):
+        twins = [model.transformer.h[0].mlp.c_fc, model.transformer.h[0].attn.c_attn, model.lm_head]
+        assert all(type(t) is tricks.PackedLinear for t in twins)
+        packed = [[twin(x) for x in xs] for twin, xs in zip(twins, inputs)]
+    for expected, got in zip(textbook, packed):
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)          # fp32, summed in another order
+    assert [model.transformer.h[0].mlp.c_fc, model.transformer.h[0].attn.c_attn, model.lm_head] == layers
 
 
 def test_transposed_output_layer_computes_what_the_plain_one_does_and_follows_its_weight(tiny_gpt2):

@@ -74,14 +74,32 @@ def timed(fn, repeat=1):
 
 def matmul_peak(dtype):
     """FLOP/s of a 2,048 x 2,048 matrix product in `dtype`: this machine's speed right now. Its speed
-    drifts (up to 3x on a shared machine), so every table is reported with the peak of its run."""
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    drifts (up to 3x on a shared machine), so every table is reported with the peak of its run.
+    Where the CPU has no bf16 arithmetic (AVX2 only), PyTorch emulates it hundreds of times slower
+    than fp32: a 512 x 512 product then measures it in seconds instead of minutes."""
+    small = torch.randn(256, 256, dtype=dtype)
+    small @ small
+    start = time.perf_counter()
+    small @ small
+    n = 2048 if 2 * 256 ** 3 / (time.perf_counter() - start) > 1e10 else 512
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
-    start, n = time.perf_counter(), 10
-    for _ in range(n):
+    start, repeat = time.perf_counter(), 10
+    for _ in range(repeat):
         a @ b
-    return 2 * 2048 ** 3 * n / (time.perf_counter() - start)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - start)
+
+
+def peaks_note():
+    """The matmul peaks of this run, in words, for a table's title: fp32 and bf16 GFLOP/s."""
+    return (f"matmul peak fp32 {matmul_peak(torch.float32) / 1e9:,.0f}, bf16 {matmul_peak(torch.bfloat16) / 1e9:,.1f} GFLOP/s"
+            f"{'' if native_bf16() else ' (no bf16 arithmetic on this CPU: emulated)'}")
+
+
+def native_bf16():
+    from nanotune.cli import native_bf16 as native
+    return native(torch.device("cpu"))
 
 
 def peak_rss_mib():

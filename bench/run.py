@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ["generation.py", "train_speed.py", "qlora.py", "scaling.py", "seeds_recipe.py"]
+SCRIPTS = [["generation.py"], ["train_speed.py"], ["qlora.py"], ["scaling.py"], ["seeds_recipe.py"], ["seeds_recipe.py", "--recipe", "bert"]]
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent
-    for script in SCRIPTS:
-        print(f"\n## {script}", flush=True)
-        subprocess.run([sys.executable, str(here / script), *sys.argv[1:]], check=True)
+    for script, *options in SCRIPTS:
+        print(f"\n## {' '.join([script, *options])}", flush=True)
+        subprocess.run([sys.executable, str(here / script), *options, *sys.argv[1:]], check=True)

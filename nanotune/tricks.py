@@ -14,7 +14,7 @@ bench/README.md keeps the figures.
 | chunked_loss      | losses.causal_lm_loss_sum over the full logits                | output_layer_lm_loss_sum: the output layer a chunk of positions at a time |
 | kv_cache          | generation.generate: the whole sequence through the model for every new token | generation.generate_with_cache |
 | packed_weights    | nn.Linear while decoding (bf16; fp32 at batches > 1; the fp32 output layer) | PackedLinear: weights packed once for the CPU's matrix product; TransposedLinear |
-| quantized_decoding | bitsandbytes' layers and the fp32 output layer while decoding a quantized model | Int8Linear: PyTorch's int8 weight-only kernel; the output layer read in bf16 |
+| quantized_decoding | bitsandbytes' layers and the fp32 output layer while decoding a quantized model | Int8Linear: PyTorch's int8 weight-only kernel; Bf16Linear for 4-bit layers without bitsandbytes' fast kernel; the output layer read in bf16 |
 | fast_sampling     | torch.multinomial                                             | sample: inverse transform sampling |
 | keep_freed_memory | the C library's malloc as it is                               | keep_freed_memory: each step reuses the last step's memory |
 | quantize_in_pieces | bitsandbytes' quantize_4bit on a whole matrix                | quantize_4bit_by_rows, and freed memory handed back after each quantized layer |
@@ -350,29 +350,65 @@ def int8_decodes(layer):
     return type(layer).__name__ == "Linear8bitLt" and layer.weight.device.type == "cpu"
 
 
+class Bf16Linear(nn.Module):
+    """A layer for decoding on CPU through a bf16 copy of its weight, made once: a 4-bit layer
+    where bitsandbytes' fast CPU kernel is missing (it needs AVX512-BF16; without it, every product
+    dequantizes the whole 4-bit weight to fp32 first), and a quantized model's output layer where
+    oneDNN cannot pack bf16. The copy holds the weight the layer stores, rounded to bf16's 8-bit
+    mantissa (finer than 4-bit levels). One row (a decoding step) goes through PyTorch's bf16
+    matrix-vector product, which reads 2 bytes a weight and converts in registers, so it is fast
+    even on CPUs without bf16 arithmetic; several rows (the prompt) through an fp32 product, since
+    bf16 matrix products are emulated, and slow, on such CPUs. Used for one sequence only
+    (packed_linears): at several rows every step would convert the copy."""
+
+    def __init__(self, layer):
+        super().__init__()
+        from .quantize import dequantized_weight
+        self.weight, self.bias = layer.weight, layer.bias
+        self.copy = dequantized_weight(layer).to(torch.bfloat16)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        y = F.linear(rows.to(torch.bfloat16), self.copy).to(x.dtype) if rows.shape[0] == 1 else F.linear(rows, self.copy.to(x.dtype))
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def dequantizes_4bit_once(layer):
+    return (type(layer).__name__ == "Linear4bit" and layer.weight.device.type == "cpu"
+            and not getattr(layer, "support_avx512bf16_for_cpu", False))
+
+
 def reads_output_layer_in_bf16(model):
     """A quantized model's output layer (GPT-2's is its fp32 embedding, 50,257 x 768, kept in full
     precision) is the largest weight a decoding step reads: more bytes than all its 4-bit layers
-    together. Decoding reads a bf16 copy of it instead, packed: half the bytes, and rounding well
-    below what quantizing the other layers already changed."""
+    together. Decoding reads a bf16 copy of it instead (packed where oneDNN packs bf16, else a
+    Bf16Linear): half the bytes, and rounding well below what quantizing the other layers already
+    changed."""
     quantized = any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
     head = getattr(model, "lm_head", None)
     return (quantized and type(head) is nn.Linear and head.weight.device.type == "cpu"
-            and head.weight.dtype == torch.float32 and _bf16_packing())
+            and head.weight.dtype == torch.float32)
 
 
 @contextmanager
 def packed_linears(model, rows=1):
     """While decoding `rows` sequences: for a quantized model, swap its LLM.int8 layers for Int8Linear
-    ones and its output layer for a bf16 PackedLinear (quantized_decoding); swap the other linear
+    ones, and for one sequence its 4-bit layers without bitsandbytes' fast kernel for Bf16Linear ones;
+    its output layer for a bf16 copy (quantized_decoding); swap the other linear
     layers for PackedLinear ones where packs() says so, else an fp32 output layer for a
     TransposedLinear (packed_weights). The originals are put back afterwards."""
     def fast_twin(parent, name, child):
         is_head = parent is model and name == "lm_head"
         if enabled("quantized_decoding") and int8_decodes(child):
             return Int8Linear(child)
+        if enabled("quantized_decoding") and rows == 1 and dequantizes_4bit_once(child):
+            return Bf16Linear(child)
         if is_head and enabled("quantized_decoding") and reads_output_layer_in_bf16(model):
-            return PackedLinear(child, torch.bfloat16)
+            if _bf16_packing():
+                return PackedLinear(child, torch.bfloat16)
+            if rows == 1:                    # several rows: bf16 products are emulated without bf16 arithmetic
+                return Bf16Linear(child)
         if enabled("packed_weights") and packs(child, rows):
             return PackedLinear(child)
         if is_head and enabled("packed_weights") and transposes(child):

@@ -293,6 +293,20 @@ def test_int8_kernel_multiplies_by_the_weight_llm_int8_stores(tiny_gpt2):
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())  # bf16 activations
 
 
+def test_bf16_copy_of_a_4bit_layer_multiplies_by_the_weight_it_stores(tiny_gpt2):
+    from nanotune.quantize import dequantized_weight
+    model = GPT2.from_pretrained(tiny_gpt2, quantize=QuantConfig("4bit"))
+    layer = model.transformer.h[0].mlp.c_fc
+    assert tricks.dequantizes_4bit_once(layer)               # loaded without bitsandbytes' CPU inference kernel
+    with torch.no_grad():
+        layer.bias.normal_()
+    for x in (torch.randn(1, 1, layer.in_features), torch.randn(3, 5, layer.in_features)):   # a decoding step, a prompt
+        expected = x @ dequantized_weight(layer).T + layer.bias
+        got = tricks.Bf16Linear(layer)(x)
+        assert got.dtype == x.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())  # bf16 weights
+
+
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])
 def test_quantized_decoding_picks_the_tokens_the_plain_layers_pick(tiny_gpt2, mode):
     """Greedy tokens from the fast kernels and the bf16 output layer equal the same quantized
@@ -300,9 +314,10 @@ def test_quantized_decoding_picks_the_tokens_the_plain_layers_pick(tiny_gpt2, mo
     model = GPT2.from_pretrained(tiny_gpt2, quantize=QuantConfig(mode))
     before = [(n, type(m)) for n, m in model.named_modules()]
     prompts = [[5, 17, 99, 3], [42, 8]]
-    with tricks.plain(["quantized_decoding"]):
-        slow = generate(model, prompts, 24, 0, temperature=0)
-    assert generate(model, prompts, 24, 0, temperature=0) == slow
+    for batch in (prompts, prompts[:1]):                   # several sequences, and one (Bf16Linear for 4-bit layers)
+        with tricks.plain(["quantized_decoding"]):
+            slow = generate(model, batch, 24, 0, temperature=0)
+        assert generate(model, batch, 24, 0, temperature=0) == slow
     assert [(n, type(m)) for n, m in model.named_modules()] == before
     if tricks._bf16_packing():
         assert tricks.reads_output_layer_in_bf16(model)

@@ -24,7 +24,7 @@ from nanotune import NanotuneError, distributed, hub, load_tokenizer, memory, ru
 from nanotune.checkpoint import StopSignals, load_state, save_state
 from nanotune.data_report import data_report, format_report
 from nanotune.cli import ArgumentParser, add_plain_flag, device, native_bf16, number, run, text, whole_number
-from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, read_examples, split, truncate
+from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, padding_share, read_examples, split, truncate
 from nanotune.hub import own_memory, write_json
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
 from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
@@ -280,6 +280,18 @@ def tokenize(examples, tokenizer, task, max_length, labels, args):
     return sequences, [labels.index(e["label"]) for e in examples], too_long
 
 
+def padding_note(train_ids, args):
+    """How much of the first epoch's batches is padding, with and without --group-by-length: on
+    texts of mixed lengths grouping can save most of the compute."""
+    if args.pack:
+        return "padding: none (--pack)"
+    lengths = [len(ids) for ids in train_ids]
+    share = {grouped: padding_share(lengths, batch_order(len(lengths), args.batch_size, args.seed, 0, lengths=lengths if grouped else None))
+             for grouped in (False, True)}
+    other = f"{share[False]:.0%} without it" if args.group_by_length else f"{share[True]:.0%} with --group-by-length"
+    return f"padding: {share[args.group_by_length]:.0%} of the batches' positions ({other})"
+
+
 def make_batch(task, sequences, per_example, indices, pad_id, device):
     """A batch of the examples at `indices`; `per_example` holds their label ids (classification)
     or their context-only token counts (LM, None when no window overlaps)."""
@@ -530,6 +542,7 @@ def main(args):
         + (f", labels {labels}" if labels else "")
         + (f"; {too_long} examples longer than {max_length} tokens were " + ("split into windows" if task == "lm" else "truncated") if too_long else ""))
     class_weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights == "balanced" else None
+    say(padding_note(train_ids, args))
     lengths = [len(ids) for ids in train_ids] if args.group_by_length else None
     first_batch = make_batch(task, train_ids, train_labels, batch_order(len(train_ids), args.batch_size, args.seed, 0, lengths=lengths)[0],
                              tokenizer.pad_id, "cpu")

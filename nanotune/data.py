@@ -183,6 +183,12 @@ def batch_order(n, batch_size, seed, epoch, shuffle=True, rank=0, world=1, lengt
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def padding_share(lengths, batches):
+    """The share of the positions in these batches that is padding (each batch padded to its longest)."""
+    positions = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(lengths[i] for b in batches for i in b) / positions if positions else 0.0
+
+
 def grouped_by_length(order, lengths, batch, generator, batches_per_group=50):
     """`order` rearranged so that each run of `batch` indices has similar lengths (longest first in
     a group), the whole runs in a random order and a last, short run kept last."""

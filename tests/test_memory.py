@@ -41,7 +41,7 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak(small_gpt2, tmp_
 def test_dry_run_prints_the_estimate_and_the_batch_and_writes_nothing(small_gpt2, tmp_path):
     r = run_cli("train.py", "--model", small_gpt2, "--data", "anecdotes_jokes.txt", "--dry-run", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
-    assert "memory: the run's peak" in r.stdout and "example 1 of the first batch" in r.stdout
+    assert "memory: the run's peak" in r.stdout and "example 1 of the first batch" in r.stdout and "padding: " in r.stdout
     assert not (tmp_path / "out").exists()
 
 

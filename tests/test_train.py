@@ -14,7 +14,7 @@ from conftest import DATA, ROOT, run_cli
 
 import train
 from nanotune import GPT2, NanotuneError, load_tokenizer
-from nanotune.data import batch_order, lm_batch
+from nanotune.data import batch_order, lm_batch, padding_share
 from nanotune.hub import atomic_write
 from nanotune.losses import causal_lm_loss
 
@@ -85,13 +85,26 @@ def test_resume_after_an_epoch_gives_the_same_weights(tmp_path, tiny_gpt2, monke
     assert len([m for m in metrics(tmp_path / "split") if m["event"] == "eval"]) == 2
 
 
+def test_train_py_says_how_much_padding_grouping_by_length_would_save():
+    ids = [[1] * n for n in torch.randint(1, 200, (400,), generator=torch.Generator().manual_seed(0)).tolist()]
+    args = train.parse_args(["--data", "any.txt"])
+    note = train.padding_note(ids, args)
+    plain, grouped = map(int, re.findall(r"(\d+)%", note))
+    assert "with --group-by-length" in note and grouped * 5 < plain
+    args.group_by_length = True
+    assert train.padding_note(ids, args).startswith(f"padding: {grouped}% ") and f"{plain}% without it" in train.padding_note(ids, args)
+    args.pack = True
+    assert train.padding_note(ids, args) == "padding: none (--pack)"
+
+
 def test_group_by_length_batches_similar_lengths_and_keeps_every_example_once():
     lengths = torch.randint(1, 200, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
     plain = batch_order(1000, 8, 3, 1)
     grouped = batch_order(1000, 8, 3, 1, lengths=lengths)
     assert sorted(i for batch in grouped for i in batch) == list(range(1000))
-    padding = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-    assert padding(grouped) < padding(plain) / 5
+    assert padding_share(lengths, grouped) < padding_share(lengths, plain) / 5
+    few = [[0, 1], [2]]                                                      # 2 + 5 padded to 5 and 3 alone: 3 of 13
+    assert padding_share([2, 5, 3], few) == pytest.approx(3 / 13)
     assert grouped == batch_order(1000, 8, 3, 1, lengths=lengths)           # a resumed run sees the same batches
     assert grouped != batch_order(1000, 8, 3, 2, lengths=lengths)           # each epoch its own order
     # two ranks of 8: each batch i of both ranks together is the batch i of one process of 16

@@ -393,10 +393,10 @@ def reads_output_layer_in_bf16(model):
 
 @contextmanager
 def packed_linears(model, rows=1):
-    """While decoding `rows` sequences: for a quantized model, swap its LLM.int8 layers for Int8Linear
-    ones, and for one sequence its 4-bit layers without bitsandbytes' fast kernel for Bf16Linear ones;
-    its output layer for a bf16 copy (quantized_decoding); swap the other linear
-    layers for PackedLinear ones where packs() says so, else an fp32 output layer for a
+    """While decoding `rows` sequences: for a quantized model, swap its LLM.int8 layers for
+    Int8Linear ones, for one sequence its 4-bit layers without bitsandbytes' fast kernel for
+    Bf16Linear ones, and its output layer for a bf16 copy (quantized_decoding); swap the other
+    linear layers for PackedLinear ones where packs() says so, else an fp32 output layer for a
     TransposedLinear (packed_weights). The originals are put back afterwards."""
     def fast_twin(parent, name, child):
         is_head = parent is model and name == "lm_head"

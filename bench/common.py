@@ -75,7 +75,7 @@ def timed(fn, repeat=1):
 def matmul_peak(dtype):
     """FLOP/s of a 2,048 x 2,048 matrix product in `dtype`: this machine's speed right now. Its speed
     drifts (up to 3x on a shared machine), so every table is reported with the peak of its run.
-    Where the CPU has no bf16 arithmetic (AVX2 only), PyTorch emulates it hundreds of times slower
+    Where the CPU has no bf16 arithmetic (AVX2 only), PyTorch emulates it about a hundred times slower
     than fp32: a 512 x 512 product then measures it in seconds instead of minutes."""
     small = torch.randn(256, 256, dtype=dtype)
     small @ small

@@ -379,16 +379,16 @@ def dequantizes_4bit_once(layer):
             and not getattr(layer, "support_avx512bf16_for_cpu", False))
 
 
-def reads_output_layer_in_bf16(model):
+def reads_output_layer_in_bf16(model, rows=1):
     """A quantized model's output layer (GPT-2's is its fp32 embedding, 50,257 x 768, kept in full
     precision) is the largest weight a decoding step reads: more bytes than all its 4-bit layers
     together. Decoding reads a bf16 copy of it instead (packed where oneDNN packs bf16, else a
-    Bf16Linear): half the bytes, and rounding well below what quantizing the other layers already
-    changed."""
+    Bf16Linear for one row): half the bytes, and rounding well below what quantizing the other
+    layers already changed."""
     quantized = any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
     head = getattr(model, "lm_head", None)
     return (quantized and type(head) is nn.Linear and head.weight.device.type == "cpu"
-            and head.weight.dtype == torch.float32)
+            and head.weight.dtype == torch.float32 and (_bf16_packing() or rows == 1))
 
 
 @contextmanager
@@ -404,11 +404,8 @@ def packed_linears(model, rows=1):
             return Int8Linear(child)
         if enabled("quantized_decoding") and rows == 1 and dequantizes_4bit_once(child):
             return Bf16Linear(child)
-        if is_head and enabled("quantized_decoding") and reads_output_layer_in_bf16(model):
-            if _bf16_packing():
-                return PackedLinear(child, torch.bfloat16)
-            if rows == 1:                    # several rows: bf16 products are emulated without bf16 arithmetic
-                return Bf16Linear(child)
+        if is_head and enabled("quantized_decoding") and reads_output_layer_in_bf16(model, rows):
+            return PackedLinear(child, torch.bfloat16) if _bf16_packing() else Bf16Linear(child)
         if enabled("packed_weights") and packs(child, rows):
             return PackedLinear(child)
         if is_head and enabled("packed_weights") and transposes(child):

@@ -319,8 +319,7 @@ def test_quantized_decoding_picks_the_tokens_the_plain_layers_pick(tiny_gpt2, mo
             slow = generate(model, batch, 24, 0, temperature=0)
         assert generate(model, batch, 24, 0, temperature=0) == slow
     assert [(n, type(m)) for n, m in model.named_modules()] == before
-    if tricks._bf16_packing():
-        assert tricks.reads_output_layer_in_bf16(model)
+    assert tricks.reads_output_layer_in_bf16(model)                                    # one row: always
     assert not tricks.reads_output_layer_in_bf16(GPT2.from_pretrained(tiny_gpt2))     # full precision stays fp32
 
 

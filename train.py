@@ -25,7 +25,8 @@ from nanotune.checkpoint import StopSignals, load_state, save_state
 from nanotune.data_report import data_report, format_report
 from nanotune.cli import ArgumentParser, add_plain_flag, device, native_bf16, number, run, text, whole_number
 from nanotune.data import batch_order, classify_batch, find_data_file, lm_batch, lm_sequences, mix, pack, padding_share, read_examples, split, truncate
-from nanotune.hub import own_memory, write_json
+from nanotune.files import write_json
+from nanotune.hub import own_memory
 from nanotune.lora import DEFAULT_TARGETS, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter
 from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
 from nanotune.evaluate import classification_report

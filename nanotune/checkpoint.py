@@ -11,7 +11,7 @@ import torch
 
 from .distributed import sum_across
 from .errors import NanotuneError
-from .hub import atomic_write
+from .files import atomic_write
 
 STATE_FILE = "training_state.pt"
 

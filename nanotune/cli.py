@@ -141,3 +141,9 @@ def run(main, parse_args):
     except NanotuneError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        # The disk or the network said no (full, read-only, no permission) somewhere a file of
+        # ours was not expected: still one line, not a traceback. Bugs are not OSErrors.
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}: check the disk and the folder's permissions", file=sys.stderr)
+        sys.exit(2)

@@ -7,12 +7,13 @@ batch gives the logits each prompt gives alone. Needs the export extra: onnx, on
 onnxruntime (pip install -e ".[export]").
 """
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
 
 from .errors import NanotuneError
-from .hub import atomic_write
+from .files import atomic_write
 
 EXTRA = ("onnx", "onnxscript", "onnxruntime")
 
@@ -41,6 +42,8 @@ def check_can_export(path):
         raise NanotuneError(f"--export-onnx {path} already exists: choose another file name, or remove it first")
     if not path.parent.is_dir():
         raise NanotuneError(f"--export-onnx {path}: there is no folder {path.parent}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise NanotuneError(f"--export-onnx {path}: no permission to write in {path.parent}: choose another folder")
 
 
 def export_onnx(model, path, vocab_size):

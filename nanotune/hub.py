@@ -9,7 +9,6 @@ import dataclasses
 import json
 import mmap
 import os
-import secrets
 import types
 import weakref
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import files
 from .errors import NanotuneError
 
 # What nanotune needs from a model repository; nothing else is downloaded.
@@ -274,45 +274,9 @@ def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.fl
     return not_loaded
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file, only
-    a `.NAME.RANDOM.tmp` that the next run in the folder removes. The temporary file is created like
-    any other (the umask decides who may read it), and its bytes reach the disk before the rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    mode = os.stat(tmp).st_mode              # 0o666 less the umask, as for any new file
-    try:
-        write(str(tmp))
-        os.chmod(tmp, mode)                  # some writers (safetensors) recreate the file as 0o600
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):        # and the rename itself, so a power cut cannot undo it
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_json(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
-
-
 def save_model(folder, config: dict, tensors: dict) -> None:
     """Write config.json and model.safetensors as `transformers` save_pretrained does."""
     folder = Path(folder)
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(config, folder / "config.json")
+    files.atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    files.write_json(config, folder / "config.json")

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import hub
+from . import files, hub
 from .dropout import Dropout
 from .errors import NanotuneError
 from .quantize import dequantized_weight
@@ -119,8 +119,8 @@ def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
         rows = sorted(cfg.trainable_tokens)
         config["trainable_token_indices"] = {embedding_name.rpartition(".")[2]: rows}
         tensors[PEFT_PREFIX + embedding_name + TOKENS] = embedding.weight.detach()[rows].contiguous()
-    hub.atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    hub.write_json(config, folder / "adapter_config.json")
+    files.atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    files.write_json(config, folder / "adapter_config.json")
 
 
 def read_adapter_config(folder) -> dict:

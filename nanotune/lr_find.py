@@ -95,7 +95,7 @@ def plot(result, suggested, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from .hub import atomic_write
+    from .files import atomic_write
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(result["lr"], result["loss"], alpha=0.3, label="loss")
     ax.plot(result["lr"], result["smoothed"], label="smoothed loss")

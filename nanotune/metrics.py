@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .distributed import sum_across
+from .files import append_line
 
 
 class RunningLoss:
@@ -55,8 +56,7 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"event": event, "time": round(time.time() - self.start, 2), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
 
     def plot(self):
         """Training and validation loss, the learning rate and the gradient's norm against the
@@ -69,7 +69,7 @@ class MetricsLog:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        from .hub import atomic_write
+        from .files import atomic_write
         records = [json.loads(line) for line in self.path.read_text().splitlines()]
         train = [r for r in records if r["event"] == "train"]
         evals = [r for r in records if r["event"] == "eval"]

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from .errors import NanotuneError
+from .files import atomic_write, cannot_write
 
 LOCK = ".nanotune.lock"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -29,7 +30,7 @@ MARKERS = ("args.json", "metrics.jsonl", "checkpoint/training_state.pt", "search
 
 
 def is_temporary(name):
-    """hub.atomic_write's temporary files, `.NAME.RANDOM.tmp`, left behind if a run was killed mid-write."""
+    """files.atomic_write's temporary files, `.NAME.RANDOM.tmp`, left behind if a run was killed mid-write."""
     return name.startswith(".") and name.endswith(".tmp")
 
 
@@ -172,7 +173,14 @@ class RunFolder:
 
     def claim(self, mode: str):
         """Take the lock, remove what a killed run left half-written, and for "overwrite" and
-        "restart" remove the earlier run's files (only nanotune's: `check` refused anything else)."""
+        "restart" remove the earlier run's files (only nanotune's: `check` refused anything else).
+        A folder the operating system will not let us write is one line, with nothing changed."""
+        try:
+            return self._claim(mode)
+        except OSError as e:
+            raise cannot_write(e.filename or self.out, e) from None
+
+    def _claim(self, mode):
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / LOCK
         while True:
@@ -212,7 +220,7 @@ class RunFolder:
             return
         try:
             (self.out / LOCK).unlink()
-        except FileNotFoundError:
+        except OSError:             # gone already, or the disk went read-only: the OS releases the lock anyway
             pass
         os.close(self.fd)
         self.fd = None
@@ -221,7 +229,6 @@ class RunFolder:
         """Keep the metrics of steps up to `step`, where a resumed run continues: the steps after it
         are redone, and logging them twice would draw the loss curve wrong. A line cut short by a
         kill is dropped too."""
-        from .hub import atomic_write
         path = self.out / "metrics.jsonl"
         if not path.is_file():
             return

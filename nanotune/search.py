@@ -13,7 +13,6 @@ import itertools
 import json
 import math
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from . import run_folder
 from .errors import NanotuneError
-from .hub import atomic_write, write_json
+from .files import atomic_write, cannot_write, copy_file, write_json
 
 NOT_SEARCHABLE = {"data", "val_data", "val_split", "out", "resume", "overwrite", "search", "trials", "data_report",
                   "model", "task", "device", "help", "seed", "fsdp", "merge", "stop_after_epochs"}
@@ -199,9 +198,12 @@ def keep_best(out, best):
     """The best trial's model files, copied into OUT (each written atomically)."""
     for name in run_folder.MODEL_FILES:
         if (best / name).is_file():
-            atomic_write(out / name, lambda tmp, src=best / name: shutil.copyfile(src, tmp))
+            copy_file(best / name, out / name)
         elif (out / name).is_file():
-            (out / name).unlink()                                # left from an earlier best of another kind
+            try:
+                (out / name).unlink()                            # left from an earlier best of another kind
+            except OSError as e:
+                raise cannot_write(out / name, e) from None
 
 
 def format_table(ranked, space):

@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from .errors import NanotuneError
 from .generation import generate
 
 MAX_BODY = 1 << 20               # bytes of JSON a request may send
@@ -110,8 +111,8 @@ class Engine:
         if any(not 0 <= t < vocab for p in ids for t in p):
             raise RequestError(400, f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
         ids = [p or [self.tokenizer.bos_id] for p in ids]
-        stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) or (len(v) <= 4 and all(isinstance(s, str) and s for s in v)),
-                     "a string or a list of up to 4 non-empty strings")
+        stop = field(body, "stop", (str, list), [], lambda v: v != "" if isinstance(v, str) else len(v) <= 4 and all(isinstance(s, str) and s for s in v),
+                     "a non-empty string or a list of up to 4 non-empty strings")
         settings = {
             "max_tokens": field(body, "max_tokens", int, 16, lambda v: v >= 1, "a whole number >= 1"),
             "temperature": field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
@@ -128,6 +129,10 @@ class Engine:
             field(body, name, (int, float), 0, lambda v: v == 0, "0 (penalties are not supported)")
         if settings["stream"] and settings["logprobs"] is not None:
             raise RequestError(400, "'logprobs' is not supported with 'stream'", param="logprobs")
+        if len(ids) * settings["n"] > self.max_batch:
+            raise RequestError(400, f"this request asks for {len(ids) * settings['n']} sequences ({len(ids)} prompts x n {settings['n']});"
+                                    f" the server decodes at most {self.max_batch} at once (--max-batch): send fewer prompts or a smaller n",
+                               param="n")
         longest = max(map(len, ids))
         if longest + settings["max_tokens"] > context:
             raise RequestError(400, f"this model's context is {context} tokens; the prompt has {longest} and 'max_tokens' asks for"
@@ -343,10 +348,14 @@ class Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     def read_body(self):
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise RequestError(411, "send a Content-Length header with the JSON body") from None
+        given = self.headers.get("Content-Length")
+        if given is None or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True         # the body was not read: it must not be taken for the next request
+            raise RequestError(411, "send the JSON body with a Content-Length header (chunked bodies are not accepted)")
+        if not given.strip().isdigit():
+            self.close_connection = True
+            raise RequestError(400, f"Content-Length {given!r} is not a whole number of bytes")
+        length = int(given)
         if length > MAX_BODY:
             self.discard_body(length)
             raise RequestError(413, f"the body is {length:,} bytes; the limit is {MAX_BODY:,}", code="request_too_large")
@@ -354,6 +363,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise RequestError(400, "the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         model = body.get("model")
@@ -435,10 +446,10 @@ class Server(ThreadingHTTPServer):
     block_on_close = True
 
     def __init__(self, address, engine, api_key=None, verbose=False):
-        super().__init__(address, Handler)
         self.engine, self.api_key, self.verbose, self.started = engine, api_key, verbose, int(time.time())
         self.idle = set()                            # connections kept alive, waiting for their next request
         self.closing = False
+        super().__init__(address, Handler)          # binds: fails here if the port is taken
 
     def server_close(self):
         """Stop listening, close the idle kept-alive connections, and wait for the requests in flight."""
@@ -459,7 +470,12 @@ def _interrupt(signum, frame):
 def serve(model, tokenizer, model_id, host="127.0.0.1", port=8000, api_key=None, max_batch=MAX_BATCH, verbose=True):
     """Serve until Ctrl-C (or SIGTERM); then finish the requests in flight and return."""
     engine = Engine(model, tokenizer, model_id, max_batch)
-    server = Server((host, port), engine, api_key, verbose)
+    try:
+        server = Server((host, port), engine, api_key, verbose)
+    except OSError as e:
+        engine.stop()
+        raise NanotuneError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program may be using the port;"
+                            " choose another --port, or --port 0 for any free one") from None
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"serving {model_id} on http://{server.server_address[0]}:{server.server_address[1]}/v1"
           f" ({'completions' if engine.is_lm else 'classify'}; {'an API key is required' if api_key else 'no API key'}); Ctrl-C stops",

@@ -5,14 +5,13 @@ post-processor). Older repos ship only the classic files; those are rebuilt here
 `vocab.json` + `merges.txt` (GPT-2's byte-level BPE) or `vocab.txt` (BERT's WordPiece).
 """
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from . import hub
+from . import files, hub
 from .errors import NanotuneError
 
 EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json")   # copied along on save
@@ -62,10 +61,10 @@ class Tokenizer:
 
     def save(self, folder):
         folder = Path(folder)
-        hub.atomic_write(folder / "tokenizer.json", lambda tmp: self.tokenizer.save(tmp))
+        files.atomic_write(folder / "tokenizer.json", lambda tmp: self.tokenizer.save(tmp))
         for name in EXTRA_FILES:
             if self.folder is not None and (self.folder / name).is_file() and self.folder.resolve() != folder.resolve():
-                shutil.copyfile(self.folder / name, folder / name)
+                files.copy_file(self.folder / name, folder / name)
 
 
 def pad(sequences, pad_id, side="right"):

@@ -122,3 +122,54 @@ def make_bert(folder, minilm_dir, seed=0, num_labels=2, **overrides):
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, minilm_dir):
     return make_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_dir)
+
+
+# Runs a script with the operating system refusing writes under one folder, as a read-only disk
+# (EROFS) or a full one (ENOSPC) would: os.open, open, os.mkdir, os.replace, os.unlink and the
+# writers of safetensors and torch raise there. (As root, chmod cannot make a folder read-only.)
+REFUSE_WRITES = r"""
+import builtins, errno, os, runpy, sys
+code, folder = getattr(errno, sys.argv[1]), os.path.realpath(sys.argv[2])
+sys.argv = sys.argv[3:]
+def under(path):
+    try:
+        return os.path.realpath(os.fspath(path)).startswith(folder)
+    except TypeError:
+        return False
+def refuse(path):
+    raise OSError(code, os.strerror(code), os.fspath(path))
+real_open, real_os_open, real_mkdir, real_replace, real_unlink = builtins.open, os.open, os.mkdir, os.replace, os.unlink
+def guarded_open(file, mode="r", *args, **kwargs):
+    if under(file) and any(c in mode for c in "wax+"):
+        refuse(file)
+    return real_open(file, mode, *args, **kwargs)
+def guarded_os_open(path, flags, *args, **kwargs):
+    if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+        refuse(path)
+    return real_os_open(path, flags, *args, **kwargs)
+def guarded_mkdir(path, *args, **kwargs):
+    if under(path):
+        if os.path.exists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(path))
+        refuse(path)
+    return real_mkdir(path, *args, **kwargs)
+def guarded_replace(src, dst, *args, **kwargs):
+    if under(dst):
+        refuse(dst)
+    return real_replace(src, dst, *args, **kwargs)
+def guarded_unlink(path, *args, **kwargs):
+    if under(path):
+        refuse(path)
+    return real_unlink(path, *args, **kwargs)
+builtins.open, os.open, os.mkdir, os.replace, os.unlink, os.remove = guarded_open, guarded_os_open, guarded_mkdir, guarded_replace, guarded_unlink, guarded_unlink
+import pathlib
+pathlib.Path.unlink = lambda self, missing_ok=False: guarded_unlink(self)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_refusing_writes(code, folder, script, *args, cwd=ROOT, timeout=600):
+    """`run_cli`, with every write under `folder` failing with errno `code` ("EROFS", "ENOSPC")."""
+    import subprocess
+    return subprocess.run([sys.executable, "-c", REFUSE_WRITES, code, str(folder), str(ROOT / script), *map(str, args)],
+                          cwd=cwd, env=os.environ.copy(), capture_output=True, text=True, timeout=timeout)

@@ -3,14 +3,17 @@ replaces only what nanotune wrote, one run holds a folder at a time, a kill -9 a
 leaves a folder that loads and a run that resumes exactly, and files get ordinary permissions."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_refusing_writes
 
 import train
 from nanotune import GPT2, NanotuneError
@@ -219,3 +222,33 @@ def test_saved_files_follow_the_umask(tmp_path, tiny_gpt2, umask, file_mode, dir
     assert r.returncode == 0, r.stderr
     for path in [out, *out.rglob("*")]:
         assert path.stat().st_mode & 0o777 == (dir_mode if path.is_dir() else file_mode), path
+
+
+# ---- a disk that refuses writes --------------------------------------------------------------
+
+def files_in(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_one_error_line(result, pattern):
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+
+
+def test_a_read_only_or_full_disk_is_one_line_and_loses_nothing(tmp_path, tiny_gpt2, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    before = files_in(out)
+    r = run_refusing_writes("EROFS", out, "train.py", *train_args(tiny_gpt2, out, "--epochs", 1, "--overwrite"))
+    assert_one_error_line(r, rf"cannot write {re.escape(str(out))}.*Read-only file system")
+    assert files_in(out) == before
+    # the disk fills up when the resumed run saves its training state: the last good one stays
+    r = run_refusing_writes("ENOSPC", out / "checkpoint" / ".training_state.pt", "train.py",
+                            *train_args(tiny_gpt2, out, "--epochs", 4, "--resume"))
+    assert_one_error_line(r, r"cannot write .*training_state\.pt: No space left on device")
+    assert (out / "checkpoint/training_state.pt").read_bytes() == before[Path("checkpoint/training_state.pt")]
+    assert not [p for p in out.rglob("*.tmp")]
+    r = run_refusing_writes("EROFS", tmp_path, "generate.py", "--model", finished_run, "--export-onnx", tmp_path / "model.onnx")
+    assert_one_error_line(r, r"cannot write .*model\.onnx.*Read-only file system")
+    assert not (tmp_path / "model.onnx").exists()

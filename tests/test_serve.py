@@ -136,6 +136,58 @@ def test_keys_size_and_routes(lm_server):
     assert request(port, "GET", "/v1/nothing")[0] == 404
 
 
+def exchange(port, data, timeout=30):
+    """Send raw bytes, read until the server closes the connection (or goes quiet), return the HTTP
+    status lines the server sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        received = b""
+        try:
+            while chunk := s.recv(1 << 16):
+                received += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return [line for line in received.decode(errors="replace").split("\r\n") if line.startswith("HTTP/1.1 ")], received
+
+
+def post_head(extra):
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+            + KEY.encode() + b"\r\n" + extra + b"\r\n")
+
+
+def test_adversarial_http_gets_one_clear_answer(lm_server):
+    port, _ = lm_server
+    # a chunked body: one 411, and the unread body is never taken for a second request
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    statuses, _ = exchange(port, post_head(b"Transfer-Encoding: chunked\r\n") + chunked, timeout=10)
+    assert statuses == ["HTTP/1.1 411 Length Required"], statuses
+    # a negative Content-Length does not lift the size limit
+    statuses, _ = exchange(port, post_head(b"Content-Length: -1\r\n") + b'{"prompt": "' + b"a" * (3 << 20) + b'"}', timeout=10)
+    assert statuses == ["HTTP/1.1 400 Bad Request"], statuses
+    # deeply nested JSON under the size limit: an error object, and the server goes on
+    status, answer = request(port, "POST", "/v1/completions", raw=b"[" * 100_000)
+    assert status == 400 and "nested too deeply" in answer["error"]["message"]
+    # one request may not decode more sequences at once than --max-batch
+    status, answer = request(port, "POST", "/v1/completions", {"prompt": ["Hi"] * 256, "n": 16, "max_tokens": 1})
+    assert status == 400 and "4096 sequences" in answer["error"]["message"] and "--max-batch" in answer["error"]["message"]
+    # an empty stop string is refused, as generate.py --stop "" is
+    status, answer = request(port, "POST", "/v1/completions", {"prompt": "Hi", "stop": ""})
+    assert status == 400 and answer["error"]["param"] == "stop"
+    assert request(port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
+
+
+def test_a_taken_port_is_one_line(tiny_gpt2):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("generate.py", "--model", tiny_gpt2, "--serve", "--port", port, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "--port 0" in lines[0], r.stderr
+
+
 def test_a_client_that_leaves_mid_stream_does_not_stop_the_others(lm_server, client):
     port, model = lm_server
     body = json.dumps({"prompt": "Why", "max_tokens": 60, "stream": True, "temperature": 1.0}).encode()

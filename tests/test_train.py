@@ -15,7 +15,7 @@ from conftest import DATA, ROOT, run_cli
 import train
 from nanotune import GPT2, NanotuneError, load_tokenizer
 from nanotune.data import batch_order, lm_batch, padding_share
-from nanotune.hub import atomic_write
+from nanotune.files import atomic_write
 from nanotune.losses import causal_lm_loss
 
 

@@ -156,8 +156,8 @@ def check_settings(args, task):
         raise NanotuneError("--lr-find-check compares rates after an LR range test: add --lr-find")
     if args.unfreeze and distributed.world_size() > 1:
         raise NanotuneError("--unfreeze gradual changes what trains from epoch to epoch, which DDP does not allow: run it in one process")
-    if args.fsdp and (distributed.world_size() == 1 or args.lora_r or args.quantize or args.resume):
-        raise NanotuneError("--fsdp shards a full model across the ranks of a torchrun; it does not combine with LoRA, --quantize or --resume (use DDP: leave --fsdp out)")
+    if args.fsdp and (distributed.world_size() == 1 or args.lora_r or args.quantize):
+        raise NanotuneError("--fsdp shards a full model across the ranks of a torchrun; it does not combine with LoRA or --quantize (use DDP: leave --fsdp out)")
 
 
 def lora_settings(args, kind):
@@ -433,7 +433,7 @@ def take_output_folder(out, start, model, optimizer, args, main_process, say):
     distributed.barrier()
     progress = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
     if start == "resume":
-        progress = load_state(out / "checkpoint", model, optimizer)
+        progress = load_state(out / "checkpoint", model, optimizer, sharded=args.fsdp)
         say(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step']}")
     elif start == "restart":
         say(f"note: {out} holds no saved training state yet, so --resume starts the run from the beginning")
@@ -457,9 +457,7 @@ def report_training(running, bar, log, epoch, step, lr, device):
 
 def save_and_stop(out, model, optimizer, progress, args, main_process, say, signum):
     """Ctrl-C or SIGTERM: save the state after this step, so that --resume continues from it."""
-    if main_process and not args.fsdp:
-        save_state(out / "checkpoint", model, optimizer, progress)
-    distributed.barrier()
+    save_state(out / "checkpoint", model, optimizer, progress, sharded=args.fsdp)
     say(f"stopped by signal {signum}: the state is saved; continue with the same command plus --resume")
     return 128 + signum
 
@@ -639,9 +637,7 @@ def main(args):
         # 7. Save: the model first, then the state to resume from (a kill between the two redoes this epoch)
         if improved:
             save_model(model, tokenizer, out, lora, args, main_process)
-        if main_process and not args.fsdp:
-            save_state(out / "checkpoint", model, optimizer, progress)
-        distributed.barrier()     # nobody reads or writes OUT while rank 0 is still writing it
+        save_state(out / "checkpoint", model, optimizer, progress, sharded=args.fsdp)   # every rank: a barrier, and FSDP's shards
         if args.patience is not None and progress["bad_epochs"] >= args.patience:
             say(f"early stop: no better validation loss for {args.patience} epochs")
             break

@@ -51,6 +51,10 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def loss_divisor(local_count, device):
     """What each rank divides its summed loss by before backward: the scored tokens (or examples) of
     the whole optimizer step on all ranks, over the number of ranks. DDP averages the ranks'

@@ -22,8 +22,22 @@ MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 RUN_FILES = {"args.json", "metrics.jsonl", "loss.png", "training.png", "quantization.json", "search.json", "search.png",
              "lr_find.json", "lr_find.png"}
 STATES = ("checkpoint/training_state.pt", "search.json")      # where a run (or a search) can continue from
+
+
+class Matching:
+    """File names given by a pattern, usable where a set of names is."""
+
+    def __init__(self, pattern):
+        self.pattern = re.compile(pattern)
+
+    def __contains__(self, name):
+        return bool(self.pattern.fullmatch(name))
+
+
+SHARDS = (Matching(r"\.metadata|__\d+_\d+\.distcp"), {})      # an FSDP state: torch.distributed.checkpoint's files
 # (file names allowed, {subfolder: its rule}): what nanotune writes in a run folder
-RUN = (MODEL_FILES | RUN_FILES, {"checkpoint": ({"training_state.pt"}, {}), "merged": (MODEL_FILES, {})})
+RUN = (MODEL_FILES | RUN_FILES, {"checkpoint": ({"training_state.pt"}, {"sharded-a": SHARDS, "sharded-b": SHARDS}),
+                                 "merged": (MODEL_FILES, {})})
 TRIAL = re.compile(r"trial-\d{3,}$")        # a hyper-parameter search's trials: OUT/search/trial-NNN, each a run folder
 # Files that only nanotune writes: a folder holding one of them is a nanotune run folder.
 MARKERS = ("args.json", "metrics.jsonl", "checkpoint/training_state.pt", "search.json")
@@ -65,12 +79,17 @@ def _entries(folder: Path, rule=RUN, top=True):
     return ours, foreign
 
 
+def _subfolders(folder: Path, rule=RUN):
+    """The subfolders a rule allows under `folder`, deepest first."""
+    return [d for name, inner in rule[1].items() for d in _subfolders(folder / name, inner) + [folder / name]]
+
+
 def _nanotune_dirs(out: Path):
     """The subfolders nanotune writes under `out`, deepest first."""
-    dirs = [out / sub for sub in RUN[1]]
+    dirs = _subfolders(out)
     if (out / "search").is_dir():
         trials = [t for t in (out / "search").iterdir() if t.is_dir() and TRIAL.match(t.name)]
-        dirs += [t / sub for t in trials for sub in RUN[1]] + trials + [out / "search"]
+        dirs += [d for t in trials for d in _subfolders(t)] + trials + [out / "search"]
     return [d for d in dirs if d.is_dir() and not d.is_symlink()]
 
 

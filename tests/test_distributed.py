@@ -11,9 +11,9 @@ from conftest import DATA, ROOT, make_gpt2, run_cli
 from nanotune import GPT2
 
 
-def torchrun(*args, timeout=300):
+def torchrun(*args, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), *map(str, args)]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -67,6 +67,27 @@ def test_fsdp_two_ranks_train_and_save_a_loadable_model(tmp_path, tiny_gpt2):
     assert torch.isfinite(model(ids)).all()
 
 
+def test_fsdp_stopped_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path, tiny_gpt2):
+    """Each rank saves its shard of the weights and of AdamW's moments (torch.distributed.checkpoint)
+    and its own random state; the resumed run ends where the uninterrupted one does."""
+    common = ["--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--val-split", 0, "--epochs", 2, "--lr", 1e-3, "--fp32", "--fsdp"]
+    env = {"MKL_CBWR": "AUTO"}
+    full = torchrun(*common, "--out", tmp_path / "full", env=env)
+    assert full.returncode == 0, full.stderr
+    part = torchrun(*common, "--out", tmp_path / "part", "--stop-after-epochs", 1, env=env)
+    assert part.returncode == 0 and "stopped after epoch 1" in part.stdout, part.stderr
+    assert sorted(os.listdir(tmp_path / "part/checkpoint/sharded-a")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    resumed = torchrun(*common, "--out", tmp_path / "part", "--resume", env=env)
+    assert resumed.returncode == 0 and "resuming at epoch 2" in resumed.stdout, resumed.stderr
+    state = torch.load(tmp_path / "part/checkpoint/training_state.pt", weights_only=True)
+    assert state["sharded"] == "sharded-b" and len(state["rng"]) == 2      # the newer shards; each rank's random state
+    a, b = GPT2.from_pretrained(tmp_path / "full"), GPT2.from_pretrained(tmp_path / "part")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p - q).abs().max() <= 1e-6, name
+    plain = run_cli("train.py", *[c for c in common if c != "--fsdp"], "--out", tmp_path / "part", "--resume")
+    assert plain.returncode == 2 and "saved with --fsdp" in plain.stderr, plain.stderr
+
+
 @pytest.mark.parametrize("variant", [["--batch-size", 4, "--grad-accum", 2], ["--batch-size", 8, "--grad-checkpointing"]])
 def test_accumulation_and_checkpointing_change_nothing(tmp_path, no_dropout_gpt2, eight_lines, variant):
     """One step of 2 micro-batches of 4 (loss averaged over the real tokens of both), or with
@@ -88,3 +109,18 @@ def test_lora_classifier_under_two_ranks(tmp_path, tiny_bert):
                  "--epochs", 1, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert "validation accuracy" in r.stdout and (tmp_path / "out/adapter_model.safetensors").is_file()
+
+
+def test_the_shards_description_is_never_unpickled_freely(tmp_path):
+    """DCP describes its shards in a pickle; nanotune reads it allowing only the description's classes."""
+    import pickle
+
+    from nanotune.checkpoint import CheckpointDescription
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system is not part of a checkpoint"):
+        CheckpointDescription(open(tmp_path / ".metadata", "rb")).load()
+    assert not (tmp_path / "pwned").exists()

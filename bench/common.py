@@ -98,7 +98,7 @@ def peaks_note():
 
 
 def native_bf16():
-    from nanotune.cli import native_bf16 as native
+    from nanotune.run.cli import native_bf16 as native
     return native(torch.device("cpu"))
 
 

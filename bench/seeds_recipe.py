@@ -129,14 +129,14 @@ def scores(out, data, task):
     """train.py's evaluate() over the held-out examples, on the model saved in `out`."""
     from nanotune import load_tokenizer
     from nanotune.models import load_model
-    from train import evaluate, parse_args, tokenize
+    from nanotune.evaluate import evaluate
+    from train import parse_args, tokenize
     model, tokenizer = load_model(out), load_tokenizer(out)
     labels = model.config.labels if task == "classify" else None
     _, val = split_like_train_py(data, task == "classify")
     length = model.config.n_positions if task == "lm" else model.config.max_position_embeddings
-    ids, per_example, _ = tokenize(val, tokenizer, task, length, labels, parse_args(["--data", str(data)]))
-    no_autocast = lambda: torch.autocast("cpu", enabled=False)
-    return evaluate(model, task, ids, per_example, 8, tokenizer.pad_id, torch.device("cpu"), no_autocast, len(labels or ()))
+    ids, val_labels, _ = tokenize(val, tokenizer, task, length, labels, parse_args(["--data", str(data)]))
+    return evaluate(model, task, ids, val_labels, 8, tokenizer.pad_id, torch.device("cpu"), len(labels or ()))
 
 
 def main():

@@ -41,7 +41,7 @@ def train_worker(folder, dtype, steps):
     optimizer = make_optimizer(model, 5e-5, 0.01)
     vocab = model.config.vocab_size
     data = [torch.randint(0, vocab, (8, 128), generator=torch.Generator().manual_seed(i)) for i in range(steps)]
-    compute_loss = lambda m, batch: train.loss_sum(m, batch, "lm", output_weight=model.lm_head.weight)
+    compute_loss = lambda m, batch: train.loss_sum(m, batch, "lm")
     times = []
     for ids in data:               # train.py's own step
         batch = {"input_ids": ids, "attention_mask": None, "labels": ids}

@@ -5,4 +5,5 @@ from .gpt2 import GPT2, GPT2Config
 from .tokenizer import Tokenizer, load_tokenizer
 from .tricks import plain
 
-__all__ = ["GPT2", "GPT2Config", "Bert", "BertClassifier", "BertConfig", "Tokenizer", "load_tokenizer", "NanotuneError", "plain"]
+__all__ = ["GPT2", "GPT2Config", "Bert", "BertClassifier", "BertConfig", "Tokenizer", "load_tokenizer",
+           "NanotuneError", "plain"]

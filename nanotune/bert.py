@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from . import hub, tricks
 from .dropout import Dropout
 from .errors import NanotuneError
-from .quantize import quantize_while_loading
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -45,11 +44,14 @@ class BertConfig:
         hub.check_sizes(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size", "max_position_embeddings", "type_vocab_size"))
         if self.hidden_act not in ACTIVATIONS:
-            raise NanotuneError(f"hidden_act {self.hidden_act!r} in config.json is not supported; use one of {', '.join(ACTIVATIONS)}")
+            raise NanotuneError(f"hidden_act {self.hidden_act!r} in config.json is not supported; use one of"
+                                f" {', '.join(ACTIVATIONS)}")
         if self.position_embedding_type != "absolute":
-            raise NanotuneError(f"position_embedding_type {self.position_embedding_type!r} is not supported; nanotune's BERT uses absolute positions")
+            raise NanotuneError(f"position_embedding_type {self.position_embedding_type!r} is not supported;"
+                                " nanotune's BERT uses absolute positions")
         if self.hidden_size % self.num_attention_heads:
-            raise NanotuneError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise NanotuneError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads"
+                                f" {self.num_attention_heads}")
 
     @property
     def labels(self):
@@ -73,7 +75,8 @@ class BertEmbeddings(nn.Module):
         (integrated gradients moves along a path between two of them)."""
         T = input_ids.shape[1]
         if T > self.position_embeddings.num_embeddings:
-            raise NanotuneError(f"{T} tokens do not fit BERT's {self.position_embeddings.num_embeddings} positions: truncate the input")
+            raise NanotuneError(f"{T} tokens do not fit BERT's {self.position_embeddings.num_embeddings}"
+                                " positions: truncate the input")
         positions = torch.arange(T, device=input_ids.device)[None]                # (1, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -144,7 +147,8 @@ class Bert(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))})
+        layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layer": layers})
         self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
         self.gradient_checkpointing = False
 
@@ -196,7 +200,8 @@ class BertClassifier(nn.Module):
         self.config = config
         self.num_labels = num_labels
         self.bert = Bert(config)
-        self.dropout = Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, inputs_embeds=None):
@@ -212,7 +217,8 @@ class BertClassifier(nn.Module):
         return None if name is None else "bert." + name
 
     @classmethod
-    def from_pretrained(cls, name_or_path, num_labels=None, labels=None, dtype=torch.float32, device="cpu", quantize=None,
+    def from_pretrained(cls, name_or_path, num_labels=None, labels=None, dtype=torch.float32,
+                        device="cpu", quantize=None,
                         new_head=False):
         """`labels` (names in id order) or `num_labels` set the head; by default the config's id2label,
         else 2. A checkpoint without a classifier gets a new, randomly initialised head, and so does
@@ -243,9 +249,10 @@ def _head_labels(config, folder, name_or_path, labels, num_labels, new_head):
     numbered = saved is None or saved == [f"LABEL_{i}" for i in range(len(saved))]
     if numbered and len(labels) == head[0]:
         return list(labels)
-    raise NanotuneError(f"the data's labels ({', '.join(labels)}) are not those of the classifier head in {name_or_path}"
-                        f" ({', '.join(saved) if saved and not numbered else f'{head[0]} numbered labels'}): add --new-head"
-                        " to replace the head with a new one for the data's labels (the rest of the model is kept)")
+    theirs = ", ".join(saved) if saved and not numbered else f"{head[0]} numbered labels"
+    raise NanotuneError(f"the data's labels ({', '.join(labels)}) are not those of the classifier head in"
+                        f" {name_or_path} ({theirs}): add --new-head to replace the head with a new one for the"
+                        " data's labels (the rest of the model is kept)")
 
 
 def _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels=None, labels=None, new_head=False):
@@ -262,14 +269,14 @@ def _from_pretrained(cls, name_or_path, dtype, device, quantize, num_labels=None
             model = cls(config, len(labels))
             if new_head:    # the checkpoint's head is not loaded: a new one is made below
                 hub_to_name = lambda key: None if key.startswith("classifier.") else cls.hub_to_name(key)
-    after_load = quantize_while_loading(model, quantize) if quantize else None
     new = hub.load_weights(model, folder, hub_to_name, dtype=dtype, device=device,
-                           optional=("classifier.", "pooler.", "bert.pooler."), after_load=after_load)
+                           optional=("classifier.", "pooler.", "bert.pooler."), quantize=quantize)
     for module_name in sorted({n.rpartition(".")[0] for n in new}):   # a head the checkpoint does not have
         module = model.get_submodule(module_name).to_empty(device=device).to(dtype)
         nn.init.normal_(module.weight, std=config.initializer_range)
         nn.init.zeros_(module.bias)
-        why = "replaced by a new one (--new-head)" if new_head and module_name == "classifier" else "not in the checkpoint"
+        replaced = new_head and module_name == "classifier"
+        why = "replaced by a new one (--new-head)" if replaced else "not in the checkpoint"
         print(f"nanotune: {module_name} is {why}; initialised it randomly (train it before use)")
     model.name_or_path = str(name_or_path)
     return model.eval()

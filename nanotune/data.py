@@ -41,7 +41,8 @@ def _text_lines(path: Path):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise NanotuneError(f"data file {path} is not UTF-8 text: line {number} has byte {line[e.start]:#x} at column {e.start + 1}; re-save the file as UTF-8") from None
+            raise NanotuneError(f"data file {path} is not UTF-8 text: line {number} has byte"
+                                f" {line[e.start]:#x} at column {e.start + 1}; re-save the file as UTF-8") from None
     return raw.decode("utf-8").removeprefix("\ufeff").splitlines()
 
 
@@ -58,18 +59,22 @@ def read_examples(path, text_column="text", label_column="label", with_labels=Fa
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise NanotuneError(f"{path} line {number} is not valid JSON ({e.msg}): one JSON object per line") from None
+                raise NanotuneError(f"{path} line {number} is not valid JSON ({e.msg}): one JSON object per"
+                                    " line") from None
             if not isinstance(row, dict):
-                raise NanotuneError(f"{path} line {number} is not a JSON object: one object per line, with a {text_column!r} field")
+                raise NanotuneError(f"{path} line {number} is not a JSON object: one object per line, with a"
+                                    f" {text_column!r} field")
             rows.append((f"line {number}", row))
     elif suffix in (".csv", ".tsv"):
         csv.field_size_limit(2**31 - 1)     # a long review is one field: the default limit is 128 KiB
         try:
-            rows = [(f"row {n}", row) for n, row in enumerate(csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ","), start=1)]
+            reader = csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ",")
+            rows = [(f"row {n}", row) for n, row in enumerate(reader, start=1)]
         except csv.Error as e:
             raise NanotuneError(f"{path} is not valid {suffix[1:].upper()} ({e}): check its quoting") from None
     elif with_labels:
-        raise NanotuneError(f"{path} is plain text, which has no labels: use .jsonl, .csv or .tsv with {text_column!r} and {label_column!r} columns")
+        raise NanotuneError(f"{path} is plain text, which has no labels: use .jsonl, .csv or .tsv with"
+                            f" {text_column!r} and {label_column!r} columns")
     else:
         return [{"text": line} for line in lines if line.strip()]
 
@@ -88,7 +93,8 @@ def read_examples(path, text_column="text", label_column="label", with_labels=Fa
         example = {"text": text}
         if with_labels:
             if isinstance(label, bool) or not isinstance(label, (str, int)):
-                raise NanotuneError(f"{path} {where}: {label_column!r} is {json.dumps(label)[:40]}: a label is a name or a whole number")
+                raise NanotuneError(f"{path} {where}: {label_column!r} is {json.dumps(label)[:40]}: a label"
+                                    " is a name or a whole number")
             example["label"] = str(label).strip()
             if not example["label"]:
                 raise NanotuneError(f"{path} {where} has an empty {label_column!r}: give every example a label")
@@ -103,7 +109,8 @@ def split(examples, fraction, seed):
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(len(examples) * fraction))
     if n_val >= len(examples):
-        raise NanotuneError(f"{len(examples)} examples are too few to hold out {fraction:.0%} for validation: add data or give --val-data")
+        raise NanotuneError(f"{len(examples)} examples are too few to hold out {fraction:.0%} for validation:"
+                            " add data or give --val-data")
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
@@ -118,7 +125,8 @@ def mix(sources, weights, seed):
     mixed = []
     for source, weight in zip(sources, weights):
         n = round(total * weight / sum(weights))
-        picks = torch.cat([torch.randperm(len(source), generator=generator) for _ in range(math.ceil(n / len(source)))])[:n]
+        rounds = math.ceil(n / len(source))                # a source smaller than its share repeats
+        picks = torch.cat([torch.randperm(len(source), generator=generator) for _ in range(rounds)])[:n]
         mixed += [source[i] for i in picks.tolist()]
     return mixed
 
@@ -146,16 +154,16 @@ def lm_windows(ids, context, stride):
 def lm_sequences(token_lists, max_length, eos_id, stride=None):
     """Causal-LM examples: each text's ids + EOS (the model must learn where a text stops), cut
     into windows of max_length, `stride` apart (default: max_length, side by side). Returns
-    (sequences, the number of leading context-only tokens of each, how many texts needed more
-    than one window)."""
-    sequences, contexts, too_long = [], [], 0
+    (sequences, their labels: the ids, with -100 where a token is context only, and how many texts
+    needed more than one window)."""
+    sequences, labels, too_long = [], [], 0
     for ids in token_lists:
         ids = ids + [eos_id]
         too_long += len(ids) > max_length
-        for window, labels in lm_windows(ids, max_length, stride or max_length):
+        for window, window_labels in lm_windows(ids, max_length, stride or max_length):
             sequences.append(window)
-            contexts.append(labels.count(IGNORE))
-    return sequences, contexts, too_long
+            labels.append(window_labels)
+    return sequences, labels, too_long
 
 
 def pack(token_lists, block_size, eos_id):
@@ -193,10 +201,12 @@ def grouped_by_length(order, lengths, batch, generator, batches_per_group=50):
     """`order` rearranged so that each run of `batch` indices has similar lengths (longest first in
     a group), the whole runs in a random order and a last, short run kept last."""
     group = batch * batches_per_group
-    order = [i for start in range(0, len(order), group) for i in sorted(order[start:start + group], key=lambda i: -lengths[i])]
+    order = [i for start in range(0, len(order), group)
+             for i in sorted(order[start:start + group], key=lambda i: -lengths[i])]
     runs = [order[i:i + batch] for i in range(0, len(order), batch)]
     last = [runs.pop()] if runs and len(runs[-1]) < batch else []
-    return [i for r in torch.randperm(len(runs), generator=generator).tolist() for i in runs[r]] + [i for run in last for i in run]
+    shuffled = [i for r in torch.randperm(len(runs), generator=generator).tolist() for i in runs[r]]
+    return shuffled + [i for run in last for i in run]
 
 
 def truncate(ids, max_length, keep="head"):
@@ -218,14 +228,13 @@ def truncate(ids, max_length, keep="head"):
     return ids[:1] + kept + ids[-1:]
 
 
-def lm_batch(sequences, pad_id, contexts=None):
+def lm_batch(sequences, pad_id, labels=None):
     """input_ids, attention_mask and labels (B, T) for causal LM, padded on the right to the longest.
-    Padding is told apart by position (attention_mask 0 -> label -100), never by token id, and so are
-    the leading `contexts[i]` tokens of an overlapping window, which only give context."""
+    `labels` (per sequence; default: the ids themselves) are -100 where a token is not to be
+    scored; padding gets -100 too. Padding is told apart by position (its labels and mask), never
+    by token id: GPT-2 pads with its end-of-text token, and a text's real end-of-text must stay a label."""
     input_ids, attention_mask = pad(sequences, pad_id)
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
-    for i, context in enumerate(contexts or ()):
-        labels[i, :context] = IGNORE
+    labels = pad(labels if labels is not None else sequences, IGNORE)[0]
     if bool(attention_mask.all()):      # no padding (packed blocks): the fast causal path, no mask
         attention_mask = None
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -235,3 +244,35 @@ def classify_batch(sequences, labels, pad_id):
     """input_ids, attention_mask (B, T) padded to the longest, and labels (B,)."""
     input_ids, attention_mask = pad(sequences, pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
+
+
+def make_batch(task, sequences, labels, indices, pad_id, device):
+    """A batch of the examples at `indices`, on `device`: for a language model `labels` holds each
+    sequence's per-token labels (None: the ids themselves), for a classifier each example's label id."""
+    if task == "lm":
+        batch = lm_batch([sequences[i] for i in indices], pad_id, [labels[i] for i in indices] if labels else None)
+    else:
+        batch = classify_batch([sequences[i] for i in indices], [labels[i] for i in indices], pad_id)
+    return {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+
+
+def padding_note(lengths, batch_size, seed, grouped, packed):
+    """How much of the first epoch's batches is padding, with and without --group-by-length: on
+    texts of mixed lengths grouping can save most of the compute."""
+    if packed:
+        return "padding: none (--pack)"
+    share = {g: padding_share(lengths, batch_order(len(lengths), batch_size, seed, 0, lengths=lengths if g else None))
+             for g in (False, True)}
+    other = f"{share[False]:.0%} without it" if grouped else f"{share[True]:.0%} with --group-by-length"
+    return f"padding: {share[grouped]:.0%} of the batches' positions ({other})"
+
+
+def check_something_to_learn(task, train_ids, val_ids, world):
+    """A run that would score nothing stops here, rather than saving an untrained model."""
+    if len(train_ids) < world:
+        raise NanotuneError(f"{len(train_ids)} training sequences cannot be shared by {world} ranks: add data"
+                            " or use fewer ranks")
+    for name, ids in (("training", train_ids), ("validation", val_ids)):
+        if task == "lm" and ids and not any(len(s) > 1 for s in ids):    # position t is scored on token t+1
+            raise NanotuneError(f"no {name} token would be scored: every sequence is a single token, with no next token"
+                                " to predict: use longer texts or a larger --max-length")

@@ -1,12 +1,40 @@
-"""Is the model any good? Perplexity for a language model, accuracy and the rest for a classifier,
-computed on a file by `generate.py --model DIR --eval FILE` (and by train.py after every epoch)."""
+"""Is the model any good? Loss and perplexity for a language model, accuracy and the rest for a
+classifier: on the validation data after every epoch of training (`evaluate`), and on a file by
+`generate.py --model DIR --eval FILE`."""
+import contextlib
 import math
 
 import torch
 
-from .data import lm_windows
-from .losses import IGNORE, causal_lm_loss_sum
+from .data import batch_order, lm_windows, make_batch
+from .losses import IGNORE, causal_lm_loss_sum, classification_loss
 from .tokenizer import pad
+
+
+@torch.no_grad()
+def evaluate(model, task, sequences, labels, batch_size, pad_id, device, num_labels=0, autocast=contextlib.nullcontext):
+    """The validation loss (and perplexity, or accuracy and macro-F1), with dropout off: the model
+    as it will be used. The batches are the training run's own (padded per batch), in order."""
+    model.eval()
+    total, count, predictions = 0.0, 0, []
+    for indices in batch_order(len(sequences), batch_size, 0, 0, shuffle=False):
+        batch = make_batch(task, sequences, labels, indices, pad_id, device)
+        with autocast():
+            logits = model(batch["input_ids"], batch["attention_mask"])
+        if task == "lm":
+            s, n = causal_lm_loss_sum(logits, batch["labels"])
+        else:
+            s, n = classification_loss(logits, batch["labels"]) * len(indices), len(indices)
+            predictions.append(logits.argmax(-1).cpu())
+        total, count = total + float(s), count + int(n)
+    model.train()
+    result = {"loss": total / count}
+    if task == "lm":
+        result["perplexity"] = math.exp(min(result["loss"], 50))
+    else:
+        report = classification_report(torch.cat(predictions).tolist(), labels, list(range(num_labels)))
+        result["accuracy"], result["macro_f1"] = report["accuracy"], report["macro_f1"]
+    return result
 
 
 @torch.no_grad()
@@ -51,7 +79,8 @@ def classification_report(predictions, labels, names):
     harmonic mean (0 when the label is neither predicted nor present, as in scikit-learn)."""
     k = len(names)
     confusion = torch.zeros(k, k, dtype=torch.long)
-    confusion.index_put_((torch.as_tensor(labels), torch.as_tensor(predictions)), torch.ones(len(labels), dtype=torch.long), accumulate=True)
+    ones = torch.ones(len(labels), dtype=torch.long)
+    confusion.index_put_((torch.as_tensor(labels), torch.as_tensor(predictions)), ones, accumulate=True)
     per_label = {}
     for i, name in enumerate(names):
         tp, predicted, support = int(confusion[i, i]), int(confusion[:, i].sum()), int(confusion[i].sum())
@@ -80,18 +109,20 @@ def format_classification(report, losses):
     """The report as text: the summary, a per-label table, the confusion matrix, the top losses."""
     names = report["labels"]
     width = max(9, *map(len, names)) + 2
-    lines = [f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} over {report['examples']} examples", "",
+    lines = [f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} over {report['examples']}"
+             " examples", "",
              f"{'label':<{width}}precision  recall      F1  support"]
     for name, v in report["per_label"].items():
         lines.append(f"{name:<{width}}{v['precision']:>9.3f}{v['recall']:>8.3f}{v['f1']:>8.3f}{v['support']:>9}")
-    lines += ["", "confusion matrix (rows: true label, columns: predicted)", " " * width + "".join(f"{n:>{width}}" for n in names)]
+    lines += ["", "confusion matrix (rows: true label, columns: predicted)",
+              " " * width + "".join(f"{n:>{width}}" for n in names)]
     for name, row in zip(names, report["confusion"]):
         lines.append(f"{name:<{width}}" + "".join(f"{c:>{width}}" for c in row))
     if losses:
         lines += ["", f"the {len(losses)} most confidently wrong:"]
         for e in losses:
-            lines.append(f"  {e['true']} predicted as {e['predicted']} (p={e['p_predicted']:.3f}; p({e['true']})={e['p_true']:.3f},"
-                         f" loss {e['loss']:.2f}): {e['text'][:100]}")
+            lines.append(f"  {e['true']} predicted as {e['predicted']} (p={e['p_predicted']:.3f};"
+                         f" p({e['true']})={e['p_true']:.3f}, loss {e['loss']:.2f}): {e['text'][:100]}")
     return "\n".join(lines)
 
 

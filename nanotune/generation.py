@@ -84,7 +84,7 @@ def generate(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.
     new, finished = [[] for _ in prompts], [False] * len(prompts)
     for _ in range(min(max_new_tokens, model.config.n_positions - ids.shape[1])):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)                  # left padding: count from the first real token
-        logits = model(ids, mask, positions)[:, -1].float()            # the whole text again; scores for what comes next
+        logits = model(ids, mask, positions)[:, -1].float()            # the whole text again; scores for the next
         seen = None
         if repetition_penalty != 1.0:
             seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, mask.bool())

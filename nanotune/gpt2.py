@@ -15,7 +15,6 @@ from torch.utils.checkpoint import checkpoint
 from . import hub, tricks
 from .dropout import Dropout
 from .errors import NanotuneError
-from .quantize import quantize_while_loading
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),   # GPT-2's own: the tanh approximation
@@ -48,9 +47,14 @@ class GPT2Config:
     def __post_init__(self):
         hub.check_sizes(self, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"))
         if self.activation_function not in ACTIVATIONS:
-            raise NanotuneError(f"activation_function {self.activation_function!r} in config.json is not supported; use one of {', '.join(ACTIVATIONS)}")
-        if self.extra.get("scale_attn_by_inverse_layer_idx") or self.extra.get("reorder_and_upcast_attn") or self.extra.get("scale_attn_weights") is False:
-            raise NanotuneError("this GPT-2 config uses attention scaling options nanotune does not implement (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn, scale_attn_weights=false)")
+            raise NanotuneError(f"activation_function {self.activation_function!r} in config.json is not"
+                                f" supported; use one of {', '.join(ACTIVATIONS)}")
+        extra = self.extra
+        if (extra.get("scale_attn_by_inverse_layer_idx") or extra.get("reorder_and_upcast_attn")
+                or extra.get("scale_attn_weights") is False):
+            raise NanotuneError("this GPT-2 config uses attention scaling options nanotune does not implement"
+                                " (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn,"
+                                " scale_attn_weights=false)")
         if self.n_embd % self.n_head:
             raise NanotuneError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head} in config.json")
 
@@ -178,7 +182,8 @@ class GPT2(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
-            raise NanotuneError(f"{past + T} tokens do not fit GPT-2's context of {self.config.n_positions} positions: use a shorter input")
+            raise NanotuneError(f"{past + T} tokens do not fit GPT-2's context of {self.config.n_positions}"
+                                " positions: use a shorter input")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]   # (1, T)
         mask = None if attention_mask is None else attention_mask_for(attention_mask, T, past, input_ids.device)
@@ -226,8 +231,7 @@ class GPT2(nn.Module):
         config = hub.config_from_dict(GPT2Config, hub.read_config(folder, ("gpt2",)), folder / "config.json")
         with torch.device("meta"):      # no memory for weights yet: the checkpoint fills them
             model = cls(config)
-        after_load = quantize_while_loading(model, quantize) if quantize else None
-        hub.load_weights(model, folder, cls.hub_to_name, cls.from_hub, dtype, device, after_load=after_load)
+        hub.load_weights(model, folder, cls.hub_to_name, cls.from_hub, dtype, device, quantize=quantize)
         model.tie_weights()
         model.name_or_path = str(name_or_path)
         return model.eval()
@@ -237,6 +241,6 @@ class GPT2(nn.Module):
         `state_dict`: the weights to write, if not the module's own (gathered from FSDP shards)."""
         state = state_dict if state_dict is not None else self.state_dict()
         tensors = {name: self.from_hub(name, t) for name, t in state.items() if name != "lm_head.weight"}
-        config = hub.config_to_dict(self.config) | {"architectures": ["GPT2LMHeadModel"],
-                                                    "dtype": str(self.transformer.wte.weight.dtype).removeprefix("torch.")}
+        dtype = str(self.transformer.wte.weight.dtype).removeprefix("torch.")
+        config = hub.config_to_dict(self.config) | {"architectures": ["GPT2LMHeadModel"], "dtype": dtype}
         hub.save_model(folder, config, tensors)

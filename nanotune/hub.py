@@ -36,20 +36,23 @@ def resolve(name_or_path) -> Path:
         raise NanotuneError(f"{name_or_path} is a file, not a model folder: pass the folder that holds config.json")
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise NanotuneError(f"no folder {name_or_path}: pass an existing model folder or a Hub id such as gpt2")
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(str(name_or_path), allow_patterns=WANTED_FILES))
     except hub_errors.HFValidationError:
-        raise NanotuneError(f"{name_or_path!r} is neither a folder nor a valid Hub id: pass a model folder or an id such as gpt2") from None
+        raise NanotuneError(f"{name_or_path!r} is neither a folder nor a valid Hub id: pass a model folder or"
+                            " an id such as gpt2") from None
     except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError):
-        raise NanotuneError(f"no model {name_or_path!r} on the Hugging Face Hub (or it is private or gated): check the id, or log in with `hf auth login`") from None
+        raise NanotuneError(f"no model {name_or_path!r} on the Hugging Face Hub (or it is private or gated):"
+                            " check the id, or log in with `hf auth login`") from None
     except hub_errors.LocalEntryNotFoundError:
-        raise NanotuneError(f"model {name_or_path!r} is not in the local Hugging Face cache and the Hub cannot be reached"
-                            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') not in (None, '', '0') else ''}:"
-                            " download it once while online, or pass a local model folder") from None
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+        raise NanotuneError(f"model {name_or_path!r} is not in the local Hugging Face cache and the Hub cannot be"
+                            f" reached{offline}: download it once while online, or pass a local model folder") from None
     except hub_errors.HfHubHTTPError as e:
-        raise NanotuneError(f"could not download {name_or_path!r} from the Hub ({str(e).splitlines()[0]}): check the id and your network") from None
+        raise NanotuneError(f"could not download {name_or_path!r} from the Hub ({str(e).splitlines()[0]}):"
+                            " check the id and your network") from None
 
 
 def read_config(folder: Path, model_types: tuple) -> dict:
@@ -64,8 +67,9 @@ def read_config(folder: Path, model_types: tuple) -> dict:
     if not isinstance(config, dict):
         raise NanotuneError(f"{path} holds a JSON {type(config).__name__}, not an object: restore or re-download it")
     if config.get("model_type") not in model_types:
-        raise NanotuneError(f"{path} describes a {config.get('model_type')!r} model; this loader reads {' or '.join(model_types)}"
-                            " (nanotune implements GPT-2 for text generation and BERT for classification)")
+        raise NanotuneError(f"{path} describes a {config.get('model_type')!r} model; this loader reads"
+                            f" {' or '.join(model_types)} (nanotune implements GPT-2 for text generation and BERT for"
+                            " classification)")
     return config
 
 
@@ -105,7 +109,8 @@ def check_sizes(config, names):
     """The sizes a model is built from must be positive whole numbers."""
     for name in names:
         if getattr(config, name) < 1:
-            raise NanotuneError(f"config.json: {name!r} is {getattr(config, name)}; it must be at least 1: restore or re-download config.json")
+            raise NanotuneError(f"config.json: {name!r} is {getattr(config, name)}; it must be at least 1:"
+                                " restore or re-download config.json")
 
 
 def config_to_dict(config) -> dict:
@@ -120,20 +125,23 @@ def checkpoint_files(folder: Path) -> list:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise NanotuneError(f"{index} names shards that are not there ({', '.join(missing)}): download the whole checkpoint again")
+            raise NanotuneError(f"{index} names shards that are not there ({', '.join(missing)}): download"
+                                " the whole checkpoint again")
         return [folder / s for s in shards]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
     if pickled:
-        raise NanotuneError(f"{folder} has only pickled weights ({', '.join(sorted(pickled))}); nanotune reads safetensors only, because"
-                            " unpickling can run code: convert the checkpoint to model.safetensors first")
+        raise NanotuneError(f"{folder} has only pickled weights ({', '.join(sorted(pickled))}); nanotune reads"
+                            " safetensors only, because unpickling can run code: convert the checkpoint to"
+                            " model.safetensors first")
     raise NanotuneError(f"no model.safetensors in {folder}: pass a folder with Hugging Face safetensors weights")
 
 
 # safetensors dtype names -> torch dtypes
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 
 
 def _read_header(f, file):
@@ -182,7 +190,10 @@ def iter_checkpoint(folder: Path):
             start, stop = entry["data_offsets"]
             dtype = DTYPES[entry["dtype"]]
             count = (stop - start) // dtype.itemsize
-            tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
+            if count:
+                tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=base + start)
+            else:
+                tensor = torch.empty(0, dtype=dtype)
             yield key, tensor.view(entry["shape"])
             # Page-aligned part of this tensor's bytes: no longer needed in memory.
             first, last = (base + start + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (base + stop) // mmap.PAGESIZE
@@ -234,14 +245,20 @@ def _short(names) -> str:
 
 
 def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.float32, device="cpu",
-                 optional=(), after_load=None) -> set:
+                 optional=(), quantize=None) -> set:
     """Fill a model built on the meta device with the tensors of a checkpoint.
 
     `hub_to_name(key)` maps a checkpoint key to the model's parameter name (or None to skip it);
     `from_hub(name, tensor)` fixes a tensor's layout. Names that start with one of `optional`
     may be missing (a new head); they are returned so the caller can initialise them.
-    `after_load(name)` runs after each tensor is in place (to quantize a layer as soon as it is whole).
+    `quantize` (a QuantConfig): swap the linear layers for 8/4-bit ones (quantize.py), each as soon
+    as it is loaded (tricks.quantize_while_loading) or all of them afterwards (--plain).
     """
+    from . import tricks
+    from .quantize import check, quantize_linears
+    streaming = quantize is not None and tricks.enabled("quantize_in_pieces")
+    after_load = tricks.quantize_while_loading(model, quantize) if streaming else None
+    to_quantize = check(model, quantize) if quantize is not None else None    # named before loading unties anything
     expected = dict(model.named_parameters())
     loaded, unexpected, wrong_shape = set(), [], []
     for key, tensor in iter_checkpoint(folder):
@@ -259,7 +276,8 @@ def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.fl
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         module_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module_name), leaf, torch.nn.Parameter(tensor.to(device), requires_grad=tensor.is_floating_point()))
+        parameter = torch.nn.Parameter(tensor.to(device), requires_grad=tensor.is_floating_point())
+        setattr(model.get_submodule(module_name), leaf, parameter)
         loaded.add(name)
         if after_load is not None:
             after_load(name)
@@ -270,7 +288,10 @@ def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.fl
                 f"wrong shape {_short(wrong_shape)}" if wrong_shape else ""]
     if any(problems):
         raise NanotuneError(f"the weights in {folder} do not fit the {type(model).__name__} its config.json describes: "
-                            + "; ".join(p for p in problems if p) + ". Check that config.json and the weights belong together")
+                            + "; ".join(p for p in problems if p) + ". Check that config.json and the weights"
+                                                                    " belong together")
+    if quantize is not None and not streaming:
+        quantize_linears(model, quantize, to_quantize)
     return not_loaded
 
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import files, hub
+from . import files
 from .dropout import Dropout
 from .errors import NanotuneError
+from .new_tokens import input_embedding, resize_token_embeddings, train_rows_only
 from .quantize import dequantized_weight
-from .vocab import input_embedding, resize_token_embeddings, train_rows_only
 
 DEFAULT_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"), "bert": ("query", "key", "value", "dense")}
 HEADS = ("classifier",)          # trained in full alongside the adapter (PEFT's modules_to_save)
@@ -33,7 +33,7 @@ class LoRAConfig:
     r: int = 8               # rank of the update B A
     alpha: float = 16        # the update is scaled by alpha / r
     dropout: float = 0.05    # on the adapter's input, during training
-    trainable_tokens: tuple = ()   # token ids whose embedding rows train too (new tokens; PEFT's trainable_token_indices)
+    trainable_tokens: tuple = ()   # ids whose embedding rows train too (new tokens; PEFT's trainable_token_indices)
 
 
 class LoRALinear(nn.Module):
@@ -58,7 +58,8 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain linear layer with W + (alpha / r) B A, de-quantized if the base was quantized."""
         base = self.base_layer
-        weight = dequantized_weight(base).float() + (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        update = self.lora_B.weight.float() @ self.lora_A.weight.float()          # (out, r) @ (r, in)
+        weight = dequantized_weight(base).float() + update * self.scaling
         linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=self.lora_A.weight.dtype)
         with torch.no_grad():
@@ -74,7 +75,8 @@ def add_lora(model, cfg: LoRAConfig):
     if cfg.r < 1:
         raise NanotuneError(f"--lora-r {cfg.r}: the adapter rank must be at least 1 (8 or 16 are common)")
     model.requires_grad_(False)
-    linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"})
+    linears = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear_names = sorted(linears - {"lm_head"})
     found = set()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -83,7 +85,8 @@ def add_lora(model, cfg: LoRAConfig):
                 found.add(child_name)
     unknown = sorted(set(cfg.targets) - found)
     if unknown:
-        raise NanotuneError(f"--lora-targets {', '.join(unknown)}: no such linear layer in {type(model).__name__}; choose from {', '.join(linear_names)}")
+        raise NanotuneError(f"--lora-targets {', '.join(unknown)}: no such linear layer in"
+                            f" {type(model).__name__}; choose from {', '.join(linear_names)}")
     for head in HEADS:
         if hasattr(model, head):
             getattr(model, head).requires_grad_(True)
@@ -111,15 +114,18 @@ def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
         "target_modules": sorted(cfg.targets), "bias": "none",
         "fan_in_fan_out": is_gpt2,             # GPT-2's Hub weights are Conv1D, stored (in, out)
         "modules_to_save": None if is_gpt2 else list(HEADS),
-        "base_model_name_or_path": base_model_reference(base_model_name), "inference_mode": True, "init_lora_weights": True,
+        "base_model_name_or_path": base_model_reference(base_model_name), "inference_mode": True,
+        "init_lora_weights": True,
     }
     embedding_name, embedding = input_embedding(model)
-    tensors = {PEFT_PREFIX + n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad and p is not embedding.weight}
+    tensors = {PEFT_PREFIX + n: p.detach().contiguous() for n, p in model.named_parameters()
+               if p.requires_grad and p is not embedding.weight}
     if cfg.trainable_tokens:   # only the rows that trained, as PEFT keeps them: their values, by index
         rows = sorted(cfg.trainable_tokens)
         config["trainable_token_indices"] = {embedding_name.rpartition(".")[2]: rows}
         tensors[PEFT_PREFIX + embedding_name + TOKENS] = embedding.weight.detach()[rows].contiguous()
-    files.atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    files.atomic_write(folder / "adapter_model.safetensors",
+                       lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     files.write_json(config, folder / "adapter_config.json")
 
 
@@ -133,17 +139,20 @@ def read_adapter_config(folder) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NanotuneError(f"{path} is not valid JSON ({e}): restore it, or train the adapter again") from None
     if not isinstance(config, dict):
-        raise NanotuneError(f"{path} holds a JSON {type(config).__name__}, not an object: restore it, or train the adapter again")
+        raise NanotuneError(f"{path} holds a JSON {type(config).__name__}, not an object: restore it, or"
+                            " train the adapter again")
     if config.get("peft_type") != "LORA":
         raise NanotuneError(f"{path} is a {config.get('peft_type')} adapter; nanotune reads LoRA adapters")
     targets = config.get("target_modules")
     checks = {"r": isinstance(config.get("r"), int) and config["r"] >= 1,
               "lora_alpha": isinstance(config.get("lora_alpha"), (int, float)) and config["lora_alpha"] > 0,
-              "target_modules": isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)),
+              "target_modules": isinstance(targets, str)
+              or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)),
               "base_model_name_or_path": isinstance(config.get("base_model_name_or_path", ""), str)}
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
-        raise NanotuneError(f"{path}: {', '.join(bad)} missing or of the wrong type: restore it, or train the adapter again")
+        raise NanotuneError(f"{path}: {', '.join(bad)} missing or of the wrong type: restore it, or train the"
+                            " adapter again")
     return config
 
 
@@ -167,7 +176,8 @@ def load_adapter(model, folder):
     try:
         saved = load_file(str(path))
     except Exception as e:      # safetensors raises its own error type for a truncated or corrupt file
-        raise NanotuneError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}): save or train the adapter again") from None
+        raise NanotuneError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}): save or train the"
+                            " adapter again") from None
     tensors = {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in saved.items()}
     embedding_name, embedding = input_embedding(model)
     rows = next(iter((config.get("trainable_token_indices") or {}).values()), None)
@@ -178,9 +188,11 @@ def load_adapter(model, folder):
             embedding.weight[torch.tensor(rows)] = values.to(embedding.weight.dtype)
     params = dict(model.named_parameters())
     wanted = {n for n in params if ".lora_" in n}
-    problems = sorted(wanted - tensors.keys()) + sorted(k for k in tensors if k not in params or params[k].shape != tensors[k].shape)
+    misfits = sorted(k for k in tensors if k not in params or params[k].shape != tensors[k].shape)
+    problems = sorted(wanted - tensors.keys()) + misfits
     if problems:
-        raise NanotuneError(f"the adapter in {folder} does not fit this model ({', '.join(problems[:3])}): use the base model it was trained on")
+        raise NanotuneError(f"the adapter in {folder} does not fit this model ({', '.join(problems[:3])}):"
+                            " use the base model it was trained on")
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)

@@ -2,7 +2,7 @@
 
 Labels use the Hugging Face convention: -100 marks a position that is not scored (padding), and
 PyTorch's cross-entropy skips it (`ignore_index`). For GPT-2 the fast twin of the LM loss, which
-never holds all the logits, is tricks.output_layer_lm_loss_sum.
+never holds all the logits, is tricks.chunked_lm_loss_sum.
 """
 from collections import Counter
 
@@ -64,4 +64,5 @@ def balanced_class_weights(label_ids, num_labels, device=None):
     """n / (k * count) for each label: every label weighs the same in total, however rare it is
     (a label absent from the data gets 0)."""
     counts = Counter(label_ids)
-    return torch.tensor([len(label_ids) / (num_labels * counts[k]) if counts[k] else 0.0 for k in range(num_labels)], device=device)
+    weights = [len(label_ids) / (num_labels * counts[k]) if counts[k] else 0.0 for k in range(num_labels)]
+    return torch.tensor(weights, device=device)

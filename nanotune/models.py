@@ -34,7 +34,9 @@ def check_tokenizer_fits(model, tokenizer, where):
     """Every id the tokenizer can produce must have a row in the model's embedding table; a larger
     vocabulary would index past it (an error on CPU, garbage or a crash on a GPU)."""
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise NanotuneError(f"the tokenizer of {where} has {tokenizer.vocab_size:,} tokens but the model's embedding has"
-                            f" {model.config.vocab_size:,} rows: use the tokenizer that belongs to this model")
+        raise NanotuneError(f"the tokenizer of {where} has {tokenizer.vocab_size:,} tokens but the model's"
+                            f" embedding has {model.config.vocab_size:,} rows: use the tokenizer that belongs"
+                            " to this model")
     if tokenizer.eos_id is None and model.config.model_type == "gpt2":
-        raise NanotuneError(f"the tokenizer of {where} has no end-of-text token, which a language model needs to learn where a text ends")
+        raise NanotuneError(f"the tokenizer of {where} has no end-of-text token, which a language model needs"
+                            " to learn where a text ends")

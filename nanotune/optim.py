@@ -80,14 +80,16 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, lr_dec
     # A parameter whose gradient is None (frozen for now) is skipped: not moved, not decayed.
     own_memory(p for g in groups for p in g["params"])
     devices = {p.device.type for g in groups for p in g["params"]}
-    fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() and type(p.data) is torch.Tensor for g in groups for p in g["params"])
+    plain = all(p.is_floating_point() and type(p.data) is torch.Tensor for g in groups for p in g["params"])
+    fused = devices <= {"cpu", "cuda"} and plain
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def format_groups(optimizer, lr):
     lines = [f"{'group':<12}{'learning rate':>14}{'weight decay':>14}{'parameters':>14}"]
     for g in optimizer.param_groups:
-        lines.append(f"{g['name']:<12}{lr * g['lr_scale']:>14.2e}{g['weight_decay']:>14g}{sum(p.numel() for p in g['params']):>14,}")
+        size = sum(p.numel() for p in g["params"])
+        lines.append(f"{g['name']:<12}{lr * g['lr_scale']:>14.2e}{g['weight_decay']:>14g}{size:>14,}")
     return "\n".join(lines)
 
 

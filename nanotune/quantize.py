@@ -3,8 +3,11 @@
 A quantized layer stores its weight in 8 or 4 bits and computes in a chosen dtype; the bias stays
 as it is. Quantized weights cannot be trained directly: train LoRA adapters beside them (QLoRA).
 The output head (`lm_head`, tied to GPT-2's embeddings) and a classifier stay in full precision.
-Layers are swapped while the checkpoint loads, one at a time, so the full-precision copy of at
-most one layer exists at once (and tricks.quantize_4bit_by_rows keeps even that one small).
+
+`quantize_linears` is the swap in its textbook form: the model loaded in full precision, then each
+target layer replaced by its quantized twin. Its fast twin, `tricks.quantize_while_loading`, swaps
+each layer as soon as the checkpoint has filled it, so that a full-precision copy of the whole
+model never exists (the `quantize_in_pieces` trick).
 """
 import logging
 from dataclasses import dataclass
@@ -12,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import tricks
 from .errors import NanotuneError
 
 BLOCK = 64     # 4-bit: weights per block, each block with its own scale (bitsandbytes' default)
@@ -41,8 +43,9 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def quantized_linear(linear: nn.Linear, q: QuantConfig):
-    """A bitsandbytes layer holding `linear`'s weight, quantized, and its bias."""
+def quantized_linear(linear: nn.Linear, q: QuantConfig, quantize_4bit=None):
+    """A bitsandbytes layer holding `linear`'s weight, quantized, and its bias. `quantize_4bit`
+    replaces bitsandbytes' own 4-bit quantizer (tricks.quantize_4bit_by_rows: the same bytes)."""
     bnb = _bitsandbytes()
     has_bias = linear.bias is not None
     if q.mode == "8bit":
@@ -52,13 +55,14 @@ def quantized_linear(linear: nn.Linear, q: QuantConfig):
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=q.compute_dtype,
                                   compress_statistics=q.double_quant, quant_type=q.quant_type, device="meta")
-        if tricks.enabled("quantize_in_pieces"):
-            packed, state = tricks.quantize_4bit_by_rows(linear.weight.data, q)
+        if quantize_4bit is not None:
+            packed, state = quantize_4bit(linear.weight.data, q)
         else:
             packed, state = bnb.functional.quantize_4bit(linear.weight.data.contiguous(), blocksize=BLOCK,
                                                          compress_statistics=q.double_quant, quant_type=q.quant_type)
-        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK, bnb_quantized=True,
-                                         compress_statistics=q.double_quant, quant_type=q.quant_type, module=layer)
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK,
+                                         bnb_quantized=True, compress_statistics=q.double_quant,
+                                         quant_type=q.quant_type, module=layer)
         fits_kernel = linear.in_features % 64 == 0 and linear.out_features % 32 == 0   # its block layout
         layer.support_avx512bf16_for_cpu = layer.support_avx512bf16_for_cpu and q.cpu_inference_kernel and fits_kernel
     if has_bias:
@@ -85,26 +89,25 @@ def targets(model, skip):
             if isinstance(m, nn.Linear) and not set(name.split(".")) & set(skip) and id(m.weight) not in embeddings]
 
 
-def quantize_while_loading(model, q: QuantConfig):
-    """For hub.load_weights: as soon as a layer's weight and bias are both loaded, swap it."""
+def check(model, q: QuantConfig):
+    """The names of the layers to quantize, or an error if there are none."""
     if q.mode not in ("8bit", "4bit"):
         raise NanotuneError(f"--quantize {q.mode!r}: use 8bit or 4bit")
-    waiting = {name: {"weight", "bias"} if model.get_submodule(name).bias is not None else {"weight"}
-               for name in targets(model, q.skip)}
-    if not waiting:
-        raise NanotuneError(f"no linear layers to quantize in {type(model).__name__} once {', '.join(q.skip)} are skipped: quantize fewer exceptions, or drop --quantize")
+    names = targets(model, q.skip)
+    if not names:
+        raise NanotuneError(f"no linear layers to quantize in {type(model).__name__} once {', '.join(q.skip)} are"
+                            " skipped: quantize fewer exceptions, or drop --quantize")
+    return names
 
-    def after_load(param_name):
-        module_name, _, leaf = param_name.rpartition(".")
-        if module_name in waiting:
-            waiting[module_name].discard(leaf)
-            if not waiting[module_name]:
-                parent, _, child = module_name.rpartition(".")
-                owner = model.get_submodule(parent)
-                setattr(owner, child, quantized_linear(getattr(owner, child), q))
-                if tricks.enabled("quantize_in_pieces"):
-                    tricks.release_freed_memory()
-    return after_load
+
+def quantize_linears(model, q: QuantConfig, names=None):
+    """Replace every target linear layer (or those `names`) by its quantized twin: walk the
+    layers, swap each one."""
+    for name in names if names is not None else check(model, q):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, quantized_linear(getattr(owner, child), q))
+    return model
 
 
 def parameter_count(model) -> int:

@@ -126,14 +126,17 @@ def load_tokenizer(name_or_path) -> Tokenizer:
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             tk = _byte_level_bpe(folder)
         elif (folder / "vocab.txt").is_file():
-            config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+            settings = folder / "tokenizer_config.json"
+            config = json.loads(settings.read_text()) if settings.is_file() else {}
             tk = _wordpiece(folder, lowercase=config.get("do_lower_case", True))
         else:
-            raise NanotuneError(f"no tokenizer in {folder}: expected tokenizer.json, vocab.json + merges.txt, or vocab.txt")
+            raise NanotuneError(f"no tokenizer in {folder}: expected tokenizer.json, vocab.json + merges.txt,"
+                                " or vocab.txt")
     except Exception as e:
         if isinstance(e, NanotuneError):
             raise
-        raise NanotuneError(f"the tokenizer files in {folder} could not be read ({e}): restore or re-download them") from None
+        raise NanotuneError(f"the tokenizer files in {folder} could not be read ({e}): restore or re-download"
+                            " them") from None
     if tk.get_vocab_size() == 0:
         raise NanotuneError(f"the tokenizer in {folder} has an empty vocabulary: restore or re-download its files")
     return Tokenizer(tk, specials, folder)

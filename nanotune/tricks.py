@@ -7,17 +7,26 @@ says what it does and why it may: why the result is the same. tests/test_tricks.
 twin to its plain version; `python bench/tricks.py` measures what each one buys, and
 bench/README.md keeps the figures.
 
-| name              | plain version (where a reader meets it)                       | fast twin (here)                |
-|-------------------|---------------------------------------------------------------|---------------------------------|
-| dropout_mask      | F.dropout (dropout.Dropout)                                   | dropout: a 1-byte mask from numpy's PCG64 |
-| attention         | attention() in gpt2.py and bert.py: scores, mask, softmax, dropout, times v | causal_attention, attention: PyTorch's fused kernel; on CPU with dropout, scores in blocks of queries and DropoutThenMatmul |
-| chunked_loss      | losses.causal_lm_loss_sum over the full logits                | output_layer_lm_loss_sum: the output layer a chunk of positions at a time |
-| kv_cache          | generation.generate: the whole sequence through the model for every new token | generation.generate_with_cache |
-| packed_weights    | nn.Linear while decoding (bf16; fp32 at batches > 1; the fp32 output layer) | PackedLinear: weights packed once for the CPU's matrix product; TransposedLinear |
-| quantized_decoding | bitsandbytes' layers and the fp32 output layer while decoding a quantized model | Int8Linear: PyTorch's int8 weight-only kernel; Bf16Linear for 4-bit layers without bitsandbytes' fast kernel; the output layer read in bf16 |
-| fast_sampling     | torch.multinomial                                             | sample: inverse transform sampling |
-| keep_freed_memory | the C library's malloc as it is                               | keep_freed_memory: each step reuses the last step's memory |
-| quantize_in_pieces | bitsandbytes' quantize_4bit on a whole matrix                | quantize_4bit_by_rows, and freed memory handed back after each quantized layer |
+Each trick: its name, the plain version (where a reader meets it) -> the fast twin (here).
+
+- dropout_mask: F.dropout (dropout.Dropout) -> dropout: a 1-byte mask from numpy's PCG64
+- attention: attention() in gpt2.py and bert.py: scores, mask, softmax, dropout, times v ->
+  causal_attention, attention: PyTorch's fused kernel; on CPU with dropout, scores in blocks of
+  queries and DropoutThenMatmul
+- chunked_loss: train.loss_sum: the full logits, then losses.causal_lm_loss_sum ->
+  chunked_lm_loss_sum: the output layer and the loss a chunk of positions at a time
+- kv_cache: generation.generate: the whole sequence through the model for every new token ->
+  generation.generate_with_cache
+- packed_weights: nn.Linear while decoding (bf16; fp32 at batches > 1; the fp32 output layer) ->
+  PackedLinear: weights packed once for the CPU's matrix product; TransposedLinear
+- quantized_decoding: bitsandbytes' layers and the fp32 output layer while decoding a quantized
+  model -> Int8Linear: PyTorch's int8 weight-only kernel; Bf16Linear for 4-bit layers without
+  bitsandbytes' fast kernel; the output layer read in bf16
+- fast_sampling: torch.multinomial -> sample: inverse transform sampling
+- keep_freed_memory: the C library's malloc as it is -> keep_freed_memory: each step reuses the
+  last step's memory
+- quantize_in_pieces: quantize.quantize_linears: the whole model loaded, then each layer swapped ->
+  quantize_while_loading: each layer swapped as it loads, 4-bit weights a slice at a time
 
 `python train.py --plain` and `python generate.py --plain` turn every trick off (`--plain
 attention,chunked_loss` only those); from Python, `with nanotune.plain(): ...`.
@@ -31,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .quantize import BLOCK, _bitsandbytes, check, dequantized_weight, quantized_linear
 
 NAMES = ("dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "quantized_decoding",
          "fast_sampling", "keep_freed_memory", "quantize_in_pieces")
@@ -132,19 +143,26 @@ def causal_mask(T, S, device):
 
 
 def causal_attention(q, k, v, mask, dropout_p):
-    """gpt2.attention in fused kernels: the same softmax(q k^T / sqrt(hs), masked) v.
+    """gpt2.attention in fused kernels: the same softmax(q k^T / sqrt(hs), masked) v. With fewer key/value
+    heads than query heads (llama.attention), the kernel reads each key/value head for its group of
+    query heads (`enable_gqa`) instead of a repeated copy.
 
     PyTorch's scaled_dot_product_attention never materialises the (T, T) weights when it can
     avoid it, and with no padding it applies the causal mask itself (`is_causal`), or none at all
     for one new token that may see everything cached. Its CPU kernels cannot drop attention
     weights, though, and its fallback for dropout keeps two float copies of the weights for
     backward; training on CPU with dropout therefore takes `causal_attention_in_blocks`."""
-    T, S = q.shape[2], k.shape[2]
+    T, S, groups = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]     # groups > 1: grouped-query attention
     if dropout_p > 0 and q.device.type == "cpu":
-        return causal_attention_in_blocks(q, k, v.contiguous(), causal_mask(T, S, q.device) if mask is None else mask, dropout_p)
+        mask = causal_mask(T, S, q.device) if mask is None else mask
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)    # as llama.repeat_kv
+        return causal_attention_in_blocks(q, k, v.contiguous(), mask, dropout_p)
     if mask is None and T not in (1, S):
         mask = causal_mask(T, S, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T == S > 1, dropout_p=dropout_p)
+    causal = mask is None and T == S > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                                          enable_gqa=groups > 1)
 
 
 def causal_attention_in_blocks(q, k, v, mask, p, block=256):
@@ -164,7 +182,7 @@ def causal_attention_in_blocks(q, k, v, mask, p, block=256):
     for start in range(0, T, block):
         end = min(start + block, T)
         seen = past + end                                    # keys this block of queries may look at
-        att = q[:, :, start:end] @ k[:, :, :seen].transpose(-2, -1) + forbidden[..., start:end, :seen]  # (B, nh, n, seen)
+        att = q[:, :, start:end] @ k[:, :, :seen].transpose(-2, -1) + forbidden[..., start:end, :seen]  # (B,nh,n,seen)
         att = att.softmax(dim=-1, dtype=att.dtype)
         out.append(DropoutThenMatmul.apply(att, v[:, :, :seen], p))                     # (B, nh, n, hs)
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
@@ -244,6 +262,22 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         return grad_hidden.mul_(grad_total), grad_weight, None, None, None
 
 
+def chunks_the_loss(model):
+    """Whether the chunked loss can serve this model: a language model whose output layer is a
+    plain weight this process holds (FSDP keeps it sharded across ranks; DDP wraps the model)."""
+    inner = getattr(model, "module", model)
+    head = getattr(inner, "lm_head", None)
+    return type(head) is nn.Linear and not hasattr(head.weight, "full_tensor")      # a DTensor shard has full_tensor
+
+
+def chunked_lm_loss_sum(model, batch):
+    """train.loss_sum for a language model: the model's hidden states, then the output layer and
+    the loss together, a chunk of positions at a time (output_layer_lm_loss_sum)."""
+    inner = getattr(model, "module", model)
+    hidden = model(batch["input_ids"], batch["attention_mask"], output_layer=False)         # (B, T, C)
+    return output_layer_lm_loss_sum(hidden, inner.lm_head.weight, batch["labels"])[0]
+
+
 def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
     """losses.causal_lm_loss_sum(hidden @ weight.T, labels) without ever holding all the logits.
 
@@ -256,7 +290,8 @@ def output_layer_lm_loss_sum(hidden, weight, labels, chunk=512):
     labels = next_token_labels(labels)                                   # (B, T): the token that came next
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    total = _OutputLayerCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, dtype)
+    rows = hidden.reshape(-1, hidden.shape[-1])                          # (B * T, C)
+    total = _OutputLayerCrossEntropy.apply(rows, weight, labels.reshape(-1), chunk, dtype)
     return total, (labels != -100).sum()
 
 
@@ -310,7 +345,8 @@ def packs(linear, rows=1):
     fp32 for more than one row."""
     if type(linear) is not nn.Linear or linear.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return (linear.weight.dtype == torch.bfloat16 and _bf16_packing()) or (linear.weight.dtype == torch.float32 and rows > 1)
+    dtype = linear.weight.dtype
+    return (dtype == torch.bfloat16 and _bf16_packing()) or (dtype == torch.float32 and rows > 1)
 
 
 def transposes(linear):
@@ -337,7 +373,7 @@ class Int8Linear(nn.Module):
     def __init__(self, layer):
         super().__init__()
         self.weight, self.bias = layer.weight, layer.bias
-        row_absmax = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB   # moved to .state by a forward
+        row_absmax = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB   # a forward moves it
         self.scales = (row_absmax.float() / 127).to(torch.bfloat16)
 
     def forward(self, x):
@@ -363,13 +399,15 @@ class Bf16Linear(nn.Module):
 
     def __init__(self, layer):
         super().__init__()
-        from .quantize import dequantized_weight
         self.weight, self.bias = layer.weight, layer.bias
         self.copy = dequantized_weight(layer).to(torch.bfloat16)
 
     def forward(self, x):
         rows = x.reshape(-1, x.shape[-1])
-        y = F.linear(rows.to(torch.bfloat16), self.copy).to(x.dtype) if rows.shape[0] == 1 else F.linear(rows, self.copy.to(x.dtype))
+        if rows.shape[0] == 1:
+            y = F.linear(rows.to(torch.bfloat16), self.copy).to(x.dtype)
+        else:
+            y = F.linear(rows, self.copy.to(x.dtype))
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -411,7 +449,8 @@ def packed_linears(model, rows=1):
         if is_head and enabled("packed_weights") and transposes(child):
             return TransposedLinear(child)
         return None
-    swapped = [(parent, name, child, twin) for parent in list(model.modules()) for name, child in parent.named_children()
+    swapped = [(parent, name, child, twin)
+               for parent in list(model.modules()) for name, child in parent.named_children()
                if (twin := fast_twin(parent, name, child)) is not None]
     for parent, name, child, twin in swapped:
         setattr(parent, name, twin)
@@ -456,6 +495,27 @@ def keep_freed_memory():
 
 # ---- quantize_in_pieces --------------------------------------------------------------------------
 
+def quantize_while_loading(model, q):
+    """quantize.quantize_linears, done while the checkpoint loads: for hub.load_weights, an
+    `after_load` hook that swaps each target layer as soon as its weight (and bias) are in place,
+    quantizing 4-bit weights a slice at a time and handing the freed memory back after each layer.
+    The same quantized layers, so the same model; but the full-precision weights exist one layer at
+    a time, not all at once (a 4-bit load peaks near the 4-bit size, not the fp32 one)."""
+    waiting = {name: {"weight", "bias"} if model.get_submodule(name).bias is not None else {"weight"}
+               for name in check(model, q)}
+
+    def after_load(param_name):
+        module_name, _, leaf = param_name.rpartition(".")
+        if module_name in waiting:
+            waiting[module_name].discard(leaf)
+            if not waiting[module_name]:
+                parent, _, child = module_name.rpartition(".")
+                owner = model.get_submodule(parent)
+                setattr(owner, child, quantized_linear(getattr(owner, child), q, quantize_4bit=quantize_4bit_by_rows))
+                release_freed_memory()
+    return after_load
+
+
 def quantize_4bit_by_rows(weight, q, chunk_weights=2**16):
     """`bitsandbytes.functional.quantize_4bit(weight)`, some 65,000 weights at a time.
 
@@ -464,13 +524,13 @@ def quantize_4bit_by_rows(weight, q, chunk_weights=2**16):
     quantized on its own (one scale, its absmax), so row chunks whole blocks long give the same
     bytes. Double quantization then quantizes all the scales together, minus their mean, to 8 bits
     in blocks of 256, exactly as bitsandbytes does."""
-    from .quantize import BLOCK, _bitsandbytes
     functional = _bitsandbytes().functional
     rows_per_block = BLOCK // math.gcd(weight.shape[1], BLOCK)         # rows that end on a block boundary
     rows = rows_per_block * max(1, chunk_weights // (weight.shape[1] * rows_per_block))
     packed, scales = [], []
     for start in range(0, weight.shape[0], rows):
-        part, state = functional.quantize_4bit(weight[start:start + rows].contiguous(), blocksize=BLOCK, quant_type=q.quant_type)
+        part, state = functional.quantize_4bit(weight[start:start + rows].contiguous(), blocksize=BLOCK,
+                                               quant_type=q.quant_type)
         packed.append(part)
         scales.append(state.absmax)
     packed, scales = torch.cat(packed), torch.cat(scales)

@@ -12,9 +12,9 @@ from conftest import ROOT, run_cli
 
 from nanotune import GPT2, BertClassifier, load_tokenizer
 from nanotune.data import lm_batch, lm_sequences, truncate
-from nanotune.data_report import data_report
+from nanotune.tools.data_report import data_report
 from nanotune.losses import next_token_labels
-from nanotune.vocab import add_tokens, resize_token_embeddings
+from nanotune.new_tokens import add_tokens, resize_token_embeddings
 
 NEW = ["<|user|>", "<|bot|>"]
 

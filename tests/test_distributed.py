@@ -115,7 +115,7 @@ def test_the_shards_description_is_never_unpickled_freely(tmp_path):
     """DCP describes its shards in a pickle; nanotune reads it allowing only the description's classes."""
     import pickle
 
-    from nanotune.checkpoint import CheckpointDescription
+    from nanotune.run.checkpoint import CheckpointDescription
 
     class Evil:
         def __reduce__(self):

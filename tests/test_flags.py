@@ -4,8 +4,7 @@ flag added later without a check (and a row here) fails this test."""
 import pytest
 from conftest import run_cli
 
-import generate
-import train
+from nanotune.run import generate_flags, train_flags
 
 # flag -> values that must be refused
 TRAIN_BAD = {
@@ -38,7 +37,7 @@ TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--group-by-length", "
 GENERATE_OTHERS = {"-h", "--help", "--prompt", "--compare", "--json", "--explain", "--show-attention", "--serve"}
 
 
-@pytest.mark.parametrize("module, table, others", [(train, TRAIN_BAD, TRAIN_SWITCHES), (generate, GENERATE_BAD, GENERATE_OTHERS)])
+@pytest.mark.parametrize("module, table, others", [(train_flags, TRAIN_BAD, TRAIN_SWITCHES), (generate_flags, GENERATE_BAD, GENERATE_OTHERS)])
 def test_the_tables_cover_every_flag(module, table, others):
     assert {s for action in module.parser()._actions for s in action.option_strings} == set(table) | others
 
@@ -50,7 +49,7 @@ def cases(table, base):
 @pytest.mark.parametrize("base, flag, value", cases(TRAIN_BAD, ["--data", "x.txt"]) + cases(GENERATE_BAD, []),
                          ids=lambda v: v if isinstance(v, str) else None)
 def test_a_bad_value_is_one_line_naming_the_flag(capsys, base, flag, value):
-    parse_args = train.parse_args if base else generate.parse_args
+    parse_args = train_flags.parse_args if base else generate_flags.parse_args
     with pytest.raises(SystemExit) as exit:
         parse_args(base + [flag, value] if flag != "--data" else ["--data", value])
     assert exit.value.code == 2
@@ -59,10 +58,10 @@ def test_a_bad_value_is_one_line_naming_the_flag(capsys, base, flag, value):
 
 
 def test_good_values_pass():
-    args = train.parse_args(["--data", "x.txt", "--val-split", "0", "--max-length", "2", "--lr", "1e-3", "--freeze", "2",
+    args = train_flags.parse_args(["--data", "x.txt", "--val-split", "0", "--max-length", "2", "--lr", "1e-3", "--freeze", "2",
                              "--label-smoothing", "0.1", "--lora-dropout", "0", "--seed", "0", "--device", "cpu"])
     assert (args.val_split, args.max_length, args.freeze, args.seed) == (0.0, 2, "2", 0)
-    args = generate.parse_args(["--temperature", "0", "--top-p", "1", "--top-k", "0", "--repetition-penalty", "1.3"])
+    args = generate_flags.parse_args(["--temperature", "0", "--top-p", "1", "--top-k", "0", "--repetition-penalty", "1.3"])
     assert (args.temperature, args.top_p, args.top_k) == (0.0, 1.0, 0)
 
 

@@ -3,10 +3,13 @@ fit is refused before the model is loaded, with settings that would fit."""
 import json
 
 import pytest
+import torch
 from conftest import make_gpt2, run_cli
 
 import train
-from nanotune import NanotuneError, memory
+from nanotune import NanotuneError
+from nanotune.run import memory
+from nanotune.run.train_flags import Run
 from nanotune.gpt2 import GPT2Config
 from nanotune.hub import config_to_dict
 
@@ -71,6 +74,7 @@ def test_a_run_that_would_not_fit_is_refused_with_settings_that_would(monkeypatc
     args = train.parse_args(["--data", "anecdotes_jokes.txt", "--batch-size", "8"])
     report = {"lengths": {"max": 1024, "max_length": 1024}}
     with pytest.raises(NanotuneError, match=r"needs about .* MiB more but cpu has .* MiB free: try --grad-checkpointing") as e:
-        train.check_memory(args, config, "lm", report, None, None, 0, train.torch.device("cpu"), lambda *a: None)
+        run = Run(torch.device("cpu"), 0, 1, False, "gpt2", "lm", None, None, None)
+        memory.check(args, run, config, report, 0)
     suggested = int(str(e.value).rsplit("about ", 1)[1].split(" MiB")[0].replace(",", ""))
     assert suggested * memory.MiB - memory.rss_now() <= 0.6 * needed

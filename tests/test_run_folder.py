@@ -252,3 +252,64 @@ def test_a_read_only_or_full_disk_is_one_line_and_loses_nothing(tmp_path, tiny_g
     r = run_refusing_writes("EROFS", tmp_path, "generate.py", "--model", finished_run, "--export-onnx", tmp_path / "model.onnx")
     assert_one_error_line(r, r"cannot write .*model\.onnx.*Read-only file system")
     assert not (tmp_path / "model.onnx").exists()
+
+
+# ---- a search, and the finding and looking modes, keep what a single run would keep ------------------
+
+@pytest.fixture()
+def finished_search(tmp_path):
+    """A folder as a finished search leaves it: its records, its trials and its best model."""
+    out = tmp_path / "search-out"
+    (out / "search" / "trial-001").mkdir(parents=True)
+    for name, text in (("search.json", '{"trials": []}'), ("args.json", "{}"), ("model.safetensors", "weights"),
+                       ("config.json", "{}"), ("search/trial-001/metrics.jsonl", '{"event": "eval", "loss": 1.0}'),
+                       ("search/trial-001/model.safetensors", "weights")):
+        (out / name).write_text(text)
+    return out
+
+
+def test_a_search_checks_everything_a_single_run_does_before_it_deletes(tmp_path, tiny_gpt2, finished_run, finished_search):
+    before = files_in(finished_search)
+    r = run_train("--model", tiny_gpt2, "--data", tmp_path / "missing.txt", "--search", "lr=1e-4,1e-3", "--overwrite",
+                  "--out", finished_search)
+    assert_one_error_line(r, "data file .*missing.txt not found")
+    assert files_in(finished_search) == before
+    before = files_in(finished_run)
+    r = run_train("--model", finished_run, "--data", "anecdotes_jokes.txt", "--search", "lr=1e-4,1e-3", "--overwrite",
+                  "--out", finished_run)
+    assert_one_error_line(r, "is the --model .* which this run reads")
+    assert files_in(finished_run) == before
+    r = run_train("--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--search", "lr-find-check=1", "--out", tmp_path / "s")
+    assert_one_error_line(r, "for a setting that changes training, one of .*lr.*warmup-steps")
+
+
+@pytest.mark.parametrize("flag", [["--dry-run"], ["--show-batch"], ["--data-report"], ["--show-groups"], ["--lr-find"]])
+def test_a_looking_mode_is_not_searched(tmp_path, tiny_gpt2, flag):
+    r = run_train("--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--search", "lr=1e-4,1e-3", *flag, "--out", tmp_path / "s")
+    assert_one_error_line(r, f"{flag[0]} looks at one run and trains nothing")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_range_with_three_numbers_says_what_a_range_is(tmp_path, tiny_gpt2):
+    r = run_train("--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--search", "lr=1e-4:1e-3:1e-2", "--trials", 2,
+                  "--out", tmp_path / "s")
+    assert_one_error_line(r, "a range is two numbers, LOW:HIGH")
+
+
+def test_lr_find_on_a_finished_run_leaves_its_records(tmp_path, tiny_gpt2, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    before = files_in(out)
+    r = run_train(*train_args(tiny_gpt2, out, "--lr-find", "--resume"))    # (on trained weights it may find no valley)
+    assert r.returncode in (0, 2) and "Traceback" not in r.stderr, r.stderr
+    after = files_in(out)
+    assert {k: v for k, v in after.items() if k.name not in ("lr_find.json", "lr_find.png")} == before   # args.json too
+    assert "suggestions" in json.loads(after[Path("lr_find.json")])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "onecycle"])
+def test_a_warm_up_as_long_as_the_run_is_pointed_out(tmp_path, tiny_gpt2, schedule):
+    r = run_train("--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--epochs", 1, "--warmup-steps", 1000,
+                  "--lr-schedule", schedule, "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert "note: --warmup-steps 1000 is not shorter than the run's 28 optimizer steps" in r.stdout

@@ -8,9 +8,9 @@ from conftest import run_cli
 
 import train
 from nanotune import GPT2, BertClassifier, load_tokenizer
-from nanotune.batch_view import batch_notes, show_batch
+from nanotune.tools.batch_view import batch_notes, show_batch
 from nanotune.data import classify_batch, lm_batch, truncate
-from nanotune.lr_find import lr_range_test, suggestions
+from nanotune.tools.lr_find import lr_range_test, suggestions
 from nanotune.optim import depth, make_optimizer, one_cycle, unfreeze_gradually
 
 
@@ -111,7 +111,7 @@ def test_gradual_unfreezing_leaves_frozen_blocks_bit_identical(tiny_gpt2):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lowest = unfreeze_gradually(model, trainable, 0)                     # epoch 1: ln_f and the last block (block 1)
     assert lowest == 2
-    train.train_step(model, [batch], optimizer, 1e-2, lambda m, b: train.loss_sum(m, b, "lm", output_weight=m.lm_head.weight), 1.0,
+    train.train_step(model, [batch], optimizer, 1e-2, lambda m, b: train.loss_sum(m, b, "lm"), 1.0,
                      torch.device("cpu"))
     for name, p in model.named_parameters():
         moved = not torch.equal(before[name], p)

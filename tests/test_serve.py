@@ -140,7 +140,10 @@ def exchange(port, data, timeout=30):
     """Send raw bytes, read until the server closes the connection (or goes quiet), return the HTTP
     status lines the server sent."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):     # the server answered and closed before the body ended
+            pass
         received = b""
         try:
             while chunk := s.recv(1 << 16):
@@ -162,8 +165,8 @@ def test_adversarial_http_gets_one_clear_answer(lm_server):
     chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
     statuses, _ = exchange(port, post_head(b"Transfer-Encoding: chunked\r\n") + chunked, timeout=10)
     assert statuses == ["HTTP/1.1 411 Length Required"], statuses
-    # a negative Content-Length does not lift the size limit
-    statuses, _ = exchange(port, post_head(b"Content-Length: -1\r\n") + b'{"prompt": "' + b"a" * (3 << 20) + b'"}', timeout=10)
+    # a negative Content-Length does not lift the size limit: refused before any of the body is read
+    statuses, _ = exchange(port, post_head(b"Content-Length: -1\r\n") + b'{"prompt": "' + b"a" * 4096, timeout=10)
     assert statuses == ["HTTP/1.1 400 Bad Request"], statuses
     # deeply nested JSON under the size limit: an error object, and the server goes on
     status, answer = request(port, "POST", "/v1/completions", raw=b"[" * 100_000)

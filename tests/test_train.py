@@ -14,7 +14,7 @@ from conftest import DATA, ROOT, run_cli
 
 import train
 from nanotune import GPT2, NanotuneError, load_tokenizer
-from nanotune.data import batch_order, lm_batch, padding_share
+from nanotune.data import batch_order, lm_batch, padding_note, padding_share
 from nanotune.files import atomic_write
 from nanotune.losses import causal_lm_loss
 
@@ -86,15 +86,13 @@ def test_resume_after_an_epoch_gives_the_same_weights(tmp_path, tiny_gpt2, monke
 
 
 def test_train_py_says_how_much_padding_grouping_by_length_would_save():
-    ids = [[1] * n for n in torch.randint(1, 200, (400,), generator=torch.Generator().manual_seed(0)).tolist()]
-    args = train.parse_args(["--data", "any.txt"])
-    note = train.padding_note(ids, args)
+    lengths = torch.randint(1, 200, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    note = padding_note(lengths, 8, 42, grouped=False, packed=False)
     plain, grouped = map(int, re.findall(r"(\d+)%", note))
     assert "with --group-by-length" in note and grouped * 5 < plain
-    args.group_by_length = True
-    assert train.padding_note(ids, args).startswith(f"padding: {grouped}% ") and f"{plain}% without it" in train.padding_note(ids, args)
-    args.pack = True
-    assert train.padding_note(ids, args) == "padding: none (--pack)"
+    note = padding_note(lengths, 8, 42, grouped=True, packed=False)
+    assert note.startswith(f"padding: {grouped}% ") and f"{plain}% without it" in note
+    assert padding_note(lengths, 8, 42, grouped=False, packed=True) == "padding: none (--pack)"
 
 
 def test_group_by_length_batches_similar_lengths_and_keeps_every_example_once():

@@ -35,8 +35,7 @@ def one_step(load, batch, task):
     """Loss and gradients of one training step, as train.py computes them."""
     torch.manual_seed(0)                    # the same new classifier head each time
     model = without_dropout(load())
-    output_weight = model.lm_head.weight if task == "lm" else None
-    total = train.loss_sum(model, batch, task, output_weight=output_weight)
+    total = train.loss_sum(model, batch, task)
     total.backward()
     return total.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

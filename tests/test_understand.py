@@ -9,8 +9,8 @@ from conftest import make_bert, make_gpt2, run_cli
 from nanotune import GPT2, BertClassifier, load_tokenizer
 from nanotune.data import lm_windows
 from nanotune.evaluate import classification_report, lm_perplexity, top_losses
-from nanotune.explain import explain_step, integrated_gradients, label_evidence
-from nanotune.fidelity import layer_errors
+from nanotune.tools.explain import explain_step, integrated_gradients, label_evidence
+from nanotune.tools.quantization_error import layer_errors
 from nanotune.generation import generate, top_k_filter, top_p_filter
 from nanotune.losses import causal_lm_loss
 from nanotune.quantize import QuantConfig, dequantized_weight

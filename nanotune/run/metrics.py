@@ -1,12 +1,14 @@
 """The run's log: the running training loss, one JSON line per event, and a loss curve."""
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
+from ..errors import NanotuneError
+from ..files import append_line
 from .distributed import sum_across
-from .files import append_line
 
 
 class RunningLoss:
@@ -20,7 +22,8 @@ class RunningLoss:
 
     def _reset(self):
         self.loss, self.count, self.tokens = torch.zeros((), device=self.device), 0, 0
-        self.norm, self.clipped, self.steps = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+        self.norm, self.clipped = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.steps = 0
         self.start = time.time()
 
     def add(self, summed_loss, count, batches, norm=None, max_norm=None):
@@ -38,7 +41,9 @@ class RunningLoss:
     def read(self, device):
         """(mean loss, tokens per second, {"grad_norm", "clipped"} or {})."""
         loss, count, tokens = sum_across(self.loss.item(), self.count, self.tokens, device=device)
-        norms = {"grad_norm": self.norm.item() / self.steps, "clipped": self.clipped.item() / self.steps} if self.steps else {}
+        norms = {}
+        if self.steps:
+            norms = {"grad_norm": self.norm.item() / self.steps, "clipped": self.clipped.item() / self.steps}
         result = loss / count, tokens / (time.time() - self.start), norms
         self._reset()
         return result
@@ -69,7 +74,7 @@ class MetricsLog:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        from .files import atomic_write
+        from ..files import atomic_write
         records = [json.loads(line) for line in self.path.read_text().splitlines()]
         train = [r for r in records if r["event"] == "train"]
         evals = [r for r in records if r["event"] == "eval"]
@@ -87,3 +92,15 @@ class MetricsLog:
         atomic_write(self.path.parent / "training.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
         return self.path.parent / "training.png"
+
+
+def report_training(running, bar, log, epoch, step, lr, device):
+    """The mean loss since the last report, on the progress bar and in metrics.jsonl; a loss
+    that is no longer finite stops the run before anything of it is saved."""
+    loss, speed, norms = running.read(device)
+    if not math.isfinite(loss):
+        bar.close()
+        raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
+                            " Lower --lr, keep --max-grad-norm on, or check the data")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+    log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed, **norms)

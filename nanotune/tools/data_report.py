@@ -45,8 +45,10 @@ def data_report(examples, tokenizer, task, max_length, truncation="head", top=10
         "split_words": {"count": sum(split_words.values()), "distinct": len(split_words),
                         "most_frequent": split_words.most_common(top)},
         "unencodable_characters": dict(sorted(unencodable.items(), key=lambda kv: -kv[1]["count"])[:top]),
-        "lengths": {"median": statistics.median(lengths), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-                    "max": max(lengths), "max_length": max_length, "longer": len(cut), "tokens_beyond": sum(n - max_length for n in cut),
+        "lengths": {"median": statistics.median(lengths),
+                    "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+                    "max": max(lengths), "max_length": max_length, "longer": len(cut),
+                    "tokens_beyond": sum(n - max_length for n in cut),
                     "handling": "cut into windows (all tokens kept)" if task == "lm" else f"truncated ({truncation})"},
         "specials": sorted(i for i in specials if i is not None),
     }
@@ -61,9 +63,10 @@ def format_report(r) -> str:
     lines = [f"data report: {r['examples']:,} examples, {r['words']:,} words"]
     s = r["split_words"]
     share = s["count"] / max(r["words"], 1)
-    lines.append(f"- {s['count']:,} words ({share:.1%}; {s['distinct']:,} distinct) are split into {SPLIT} or more tokens"
-                 + ("; the most frequent: " + ", ".join(f"{w!r} x{n}" for w, n in s["most_frequent"]) if s["most_frequent"] else "")
-                 + (" (frequent ones are candidates for --add-tokens)" if s["most_frequent"] else ""))
+    frequent = ", ".join(f"{w!r} x{n}" for w, n in s["most_frequent"])
+    advice = f"; the most frequent: {frequent} (frequent ones are candidates for --add-tokens)" if frequent else ""
+    lines.append(f"- {s['count']:,} words ({share:.1%}; {s['distinct']:,} distinct) are split into {SPLIT} or more"
+                 f" tokens{advice}")
     u = r["unencodable_characters"]
     lines.append("- characters the tokenizer cannot encode as a token of their own: "
                  + (", ".join(f"{c!r} x{v['count']} ({v['as']})" for c, v in u.items()) if u else "none"))
@@ -73,6 +76,7 @@ def format_report(r) -> str:
                  + (f" ({n['tokens_beyond']:,} tokens beyond it: {n['handling']})" if n["longer"] else ""))
     if "labels" in r:
         counts, ratio = r["labels"]["counts"], r["labels"]["imbalance"]
-        lines.append("- labels: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; the largest is {ratio:.1f}x the smallest"
-                     + (": skewed; consider --class-weights balanced, so each label weighs the same in the loss" if ratio > 3 else ""))
+        skewed = ": skewed; consider --class-weights balanced, so each label weighs the same in the loss"
+        lines.append("- labels: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                     + f"; the largest is {ratio:.1f}x the smallest" + (skewed if ratio > 3 else ""))
     return "\n".join(lines)

@@ -1,16 +1,17 @@
 """Why did the model say that? Integrated gradients for a classifier's prediction (with the [CLS]
 attention beside it, for comparison), and each step of text generation, filter by filter."""
+import json
 import math
-import os
-import sys
 
 import torch
 
-from .generation import repetition_penalty_, top_k_filter, top_p_filter
+from ..errors import NanotuneError
+from ..generation import generate, repetition_penalty_, top_k_filter, top_p_filter
+from ..run.cli import use_colour
 
-ATTENTION_CAVEAT = ("attention shows where the last layer's [CLS] position looked, not what decided the label: the values"
-                    " it mixed, the layers before it and the head after it all count, and quite different attention can"
-                    " give the same prediction (Jain & Wallace, 2019)")
+ATTENTION_CAVEAT = ("attention shows where the last layer's [CLS] position looked, not what decided the"
+                    " label: the values it mixed, the layers before it and the head after it all count, and"
+                    " quite different attention can give the same prediction (Jain & Wallace, 2019)")
 
 
 # ---- a classifier: integrated gradients --------------------------------------------------------
@@ -35,15 +36,19 @@ def integrated_gradients(model, ids, mask, label, steps=32, baseline="pad", pad_
     keep = torch.isin(ids, torch.tensor(list(keep_ids), dtype=ids.dtype, device=ids.device))
     with torch.no_grad():
         x = embed(ids)                                                        # (1, T, H)
-        x0 = embed(ids.masked_fill(~keep, pad_id)) if baseline == "pad" else torch.where(keep[..., None], x, torch.zeros_like(x))
-    alphas = (torch.arange(steps, device=x.device, dtype=x.dtype) + 0.5) / steps    # the middle of each of `steps` pieces
+        if baseline == "pad":
+            x0 = embed(ids.masked_fill(~keep, pad_id))
+        else:
+            x0 = torch.where(keep[..., None], x, torch.zeros_like(x))
+    alphas = (torch.arange(steps, device=x.device, dtype=x.dtype) + 0.5) / steps    # the middle of each piece
     path = (x0 + alphas[:, None, None] * (x - x0)).requires_grad_(True)              # (steps, T, H)
     with torch.enable_grad():
         logits = model(ids.expand(steps, -1), mask.expand(steps, -1), inputs_embeds=path).float()
         (grads,) = torch.autograd.grad(label_evidence(logits, label).sum(), path)
     attributions = ((x - x0)[0] * grads.mean(0)).sum(-1)                             # (T,)
     with torch.no_grad():
-        ends = label_evidence(model(ids.expand(2, -1), mask.expand(2, -1), inputs_embeds=torch.cat([x, x0])).float(), label)
+        logits = model(ids.expand(2, -1), mask.expand(2, -1), inputs_embeds=torch.cat([x, x0])).float()
+        ends = label_evidence(logits, label)
     return attributions, float(ends[0]), float(ends[1])
 
 
@@ -52,7 +57,7 @@ def cls_attention(model, ids, mask):
     """(heads, T): how much the [CLS] position of the last layer attends to each token, per head."""
     layer = model.bert.encoder["layer"][-1].attention["self"]
     seen = {}
-    handle = layer.register_forward_hook(lambda module, args, out: seen.update(x=args[0]))   # returns None: the output stays
+    handle = layer.register_forward_hook(lambda module, args, out: seen.update(x=args[0]))   # None: the output stays
     try:
         model(ids, mask)
     finally:
@@ -75,18 +80,16 @@ def explain_prediction(model, tokenizer, text, steps=32, baseline="pad", attenti
         probs = model(ids, mask).float().softmax(-1)[0]
     label = int(probs.argmax())
     specials = {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None}
-    attributions, at_input, at_baseline = integrated_gradients(model, ids, mask, label, steps, baseline, tokenizer.pad_id, specials)
+    attributions, at_input, at_baseline = integrated_gradients(model, ids, mask, label, steps, baseline,
+                                                               tokenizer.pad_id, specials)
+    change = at_input - at_baseline
     result = {"text": text, "label": model.config.labels[label], "probability": float(probs[label]),
-              "tokens": [tokenizer.tokenizer.id_to_token(int(i)) for i in ids[0]], "attributions": attributions.tolist(),
-              "evidence": at_input, "evidence_at_baseline": at_baseline,
-              "gap_percent": 100 * abs(float(attributions.sum()) - (at_input - at_baseline)) / max(abs(at_input - at_baseline), 1e-12)}
+              "tokens": [tokenizer.tokenizer.id_to_token(int(i)) for i in ids[0]],
+              "attributions": attributions.tolist(), "evidence": at_input, "evidence_at_baseline": at_baseline,
+              "gap_percent": 100 * abs(float(attributions.sum()) - change) / max(abs(change), 1e-12)}
     if attention:
         result["cls_attention"] = cls_attention(model, ids, mask).tolist()
     return result
-
-
-def use_colour(stream=sys.stdout):
-    return stream.isatty() and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
 
 
 def format_prediction(r, colour=False, top=3):
@@ -104,9 +107,10 @@ def format_prediction(r, colour=False, top=3):
     lines = [f"{r['label']} (p={r['probability']:.3f})  {r['text']}", "  " + " ".join(words),
              f"  for {r['label']}: " + ", ".join(f"{t} {a:+.2f}" for a, t in reversed(ranked[-top:]) if a > 0),
              "  against: " + ", ".join(f"{t} {a:+.2f}" for a, t in ranked[:top] if a < 0),
-             f"  completeness: the attributions add up to {sum(attributions):+.3f}; the label's evidence (its logit minus the"
-             f" mean logit) is {r['evidence']:+.3f} here and {r['evidence_at_baseline']:+.3f} at the baseline, a difference of"
-             f" {r['evidence'] - r['evidence_at_baseline']:+.3f}: a gap of {r['gap_percent']:.1f}%"]
+             f"  completeness: the attributions add up to {sum(attributions):+.3f}; the label's evidence (its"
+             f" logit minus the mean logit) is {r['evidence']:+.3f} here and {r['evidence_at_baseline']:+.3f}"
+             f" at the baseline, a difference of {r['evidence'] - r['evidence_at_baseline']:+.3f}: a gap of"
+             f" {r['gap_percent']:.1f}%"]
     if "cls_attention" in r:
         lines.append("  [CLS] attention in the last layer, per head (the three tokens it looks at most):")
         for h, row in enumerate(r["cls_attention"]):
@@ -123,7 +127,8 @@ def sampling_stages(logits, seen, temperature, top_k, top_p, repetition_penalty)
     them, in generation's order (generation.generate, next_tokens), skipping those that do nothing."""
     stages = [("the model", logits)]
     if repetition_penalty != 1.0:
-        stages.append((f"repetition penalty {repetition_penalty:g}", repetition_penalty_(stages[-1][1], seen, repetition_penalty)))
+        penalised = repetition_penalty_(stages[-1][1], seen, repetition_penalty)
+        stages.append((f"repetition penalty {repetition_penalty:g}", penalised))
     if temperature == 0:
         return stages
     if temperature != 1.0:
@@ -143,7 +148,8 @@ def explain_step(logits, seen, chosen, temperature, top_k, top_p, repetition_pen
         probs = stage.softmax(-1)
         entropy = float(-(probs * probs.clamp_min(1e-30).log()).sum())
         values, order = probs.topk(top)
-        entry = {"stage": name, "top": [(decode(int(i)), float(v)) for v, i in zip(values, order) if v > 0], "entropy": entropy}
+        top_tokens = [(decode(int(i)), float(v)) for v, i in zip(values, order) if v > 0]
+        entry = {"stage": name, "top": top_tokens, "entropy": entropy}
         if before is not None:
             removed = (probs == 0) & (before > 0)
             entry |= {"removed": int(removed.sum()), "removed_mass": float(before[removed].sum())}
@@ -160,7 +166,41 @@ def format_steps(prompt, steps):
         for s in step["stages"]:
             cut = (f"  (removed {s['removed']:,} token{'s' if s['removed'] > 1 else ''} holding {s['removed_mass']:.3f}"
                    " of the probability)") if s.get("removed") else ""
-            lines.append(f"  {s['stage']:<24} " + "  ".join(f"{t!r} {p:.3f}" for t, p in s["top"]) + f"   entropy {s['entropy']:.2f} nats{cut}")
+            top = "  ".join(f"{t!r} {p:.3f}" for t, p in s["top"])
+            lines.append(f"  {s['stage']:<24} {top}   entropy {s['entropy']:.2f} nats{cut}")
         how = "picked (the most likely)" if step["greedy"] else "drew"
         lines.append(f"  {how} {step['chosen']!r}, probability {step['probability']:.3f}")
     return "\n".join(lines)
+
+
+# ---- generate.py --explain ---------------------------------------------------------------------
+
+def explain_classifier(args, model, tokenizer, prompts):
+    if not prompts:
+        raise NanotuneError("--explain needs text: give --prompt or --prompt-file")
+    results = [explain_prediction(model, tokenizer, p, args.ig_steps, args.ig_baseline, args.show_attention)
+               for p in prompts]
+    return results, "\n\n".join(format_prediction(r, colour=use_colour()) for r in results)
+
+
+def explain_generation(args, model, tokenizer, sequences, prompts, generator):
+    """--explain with a language model: every step of every sequence, filter by filter."""
+    steps = [[] for _ in sequences]
+    decode = lambda i: tokenizer.decode([i], skip_special_tokens=False)
+    top_k = args.top_k or None
+
+    def on_step(logits, seen, tokens):
+        for i, token in enumerate(tokens.tolist()):
+            steps[i].append(explain_step(logits[i], None if seen is None else seen[i], token, args.temperature, top_k,
+                                         args.top_p, args.repetition_penalty, decode, args.explain_top))
+    new = generate(model, sequences, args.max_new_tokens, tokenizer.pad_id, tokenizer.eos_id, args.temperature,
+                   top_k, args.top_p, args.repetition_penalty, generator, on_step=on_step)
+    steps = [s[:len(n) + 1] for s, n in zip(steps, new)]       # up to the step that ended the sequence
+    texts = [prompts[i // args.num_samples] if prompts else "" for i in range(len(sequences))]
+    if args.json:
+        found = [{"prompt": t, "text": tokenizer.decode(n), "steps": s} for t, n, s in zip(texts, new, steps)]
+        print(json.dumps(found, indent=2))
+    else:
+        print("\n\n".join(format_steps(t, s) + f"\ntext: {t + tokenizer.decode(n)!r}"
+                          for t, n, s in zip(texts, new, steps)))
+    return 0

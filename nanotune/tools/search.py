@@ -18,12 +18,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import run_folder
-from .errors import NanotuneError
-from .files import atomic_write, cannot_write, copy_file, write_json
+from ..errors import NanotuneError
+from ..files import atomic_write, cannot_write, copy_file, write_json
+from ..run import output
 
-NOT_SEARCHABLE = {"data", "val_data", "val_split", "out", "resume", "overwrite", "search", "trials", "data_report",
-                  "model", "task", "device", "help", "seed", "fsdp", "merge", "stop_after_epochs"}
+# The settings that change what training does; a trial differs from the others only in these.
+SEARCHABLE = {"lr", "batch_size", "grad_accum", "epochs", "lr_schedule", "lr_decay", "unfreeze", "warmup_steps",
+              "weight_decay", "max_grad_norm", "freeze", "class_weights", "label_smoothing", "patience", "quantize",
+              "quant_type", "quantize_skip", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "max_length",
+              "stride", "truncate", "data_weights"}
+# Modes that look at one run (or find a rate) and train nothing: there is nothing to rank.
+LOOKING = {"data_report": "--data-report", "dry_run": "--dry-run", "show_batch": "--show-batch",
+           "show_groups": "--show-groups", "lr_find": "--lr-find"}
 
 
 def parse(specs, parser, random_trials):
@@ -35,17 +41,23 @@ def parse(specs, parser, random_trials):
         name, _, values = spec.partition("=")
         name = name.strip().lstrip("-")
         action = actions.get(name)
-        if action is None or action.dest in NOT_SEARCHABLE or action.nargs == 0 or not values.strip():
-            searchable = sorted(n for n, a in actions.items() if a.dest not in NOT_SEARCHABLE and a.nargs != 0 and n.startswith(tuple("abcdefghijklmnopqrstuvwxyz")))
-            raise NanotuneError(f"--search {spec!r}: give NAME=V1,V2,... or NAME=LOW:HIGH for one of {', '.join(searchable)}")
+        if action is None or action.dest not in SEARCHABLE or not values.strip():
+            searchable = sorted(n for n, a in actions.items() if a.dest in SEARCHABLE and n == a.dest.replace("_", "-"))
+            raise NanotuneError(f"--search {spec!r}: give NAME=V1,V2,... or NAME=LOW:HIGH for a setting that changes"
+                                f" training, one of {', '.join(searchable)}")
         convert = (lambda v: action.type(v)) if action.type else str
         try:
             if ":" in values and "," not in values:
                 if not random_trials:
-                    raise NanotuneError(f"--search {spec!r} is a range: draw from it with --trials N (or list the values)")
+                    raise NanotuneError(f"--search {spec!r} is a range: draw from it with --trials N (or list"
+                                        " the values)")
+                if values.count(":") != 1:
+                    raise NanotuneError(f"--search {spec!r}: a range is two numbers, LOW:HIGH, e.g. {name}=1e-6:1e-3"
+                                        " (or list values: V1,V2,V3)")
                 low, high = (convert(v.strip()) for v in values.split(":"))
                 if not (isinstance(low, (int, float)) and 0 < low < high):
-                    raise NanotuneError(f"--search {spec!r}: a range needs 0 < LOW < HIGH (values are drawn log-uniformly)")
+                    raise NanotuneError(f"--search {spec!r}: a range needs 0 < LOW < HIGH (values are drawn"
+                                        " log-uniformly)")
                 space[name] = (low, high)
             else:
                 space[name] = [convert(v.strip()) for v in values.split(",")]
@@ -123,16 +135,25 @@ def best_scores(trial_out):
     return {k: v for k, v in best.items() if k not in ("event", "time")}
 
 
-def run(args, parser, say=print):
+def run(args, parser, check, say=print):
+    """The search. `check(args)` runs the checks of a single run on `args` (flags, data, model,
+    tokenizer, --out against every input) and returns what starting in --out means; every trial
+    passes them, with --out the search's own folder, before the search writes anything."""
+    looking = [flag for dest, flag in LOOKING.items() if getattr(args, dest)]
+    if looking:
+        raise NanotuneError(f"{looking[0]} looks at one run and trains nothing, so there is nothing to search:"
+                            f" leave out --search and --trials, or {looking[0]}")
     if not args.search:
         raise NanotuneError("--trials draws settings for --search: add --search NAME=LOW:HIGH (or NAME=V1,V2,...)")
     if args.val_data is None and args.val_split == 0:
         raise NanotuneError("a search ranks its trials by validation loss: give --val-data or a --val-split above 0")
     space = parse(args.search, parser, args.trials)
     trials = draw(space, args.trials, args.seed)
+    for settings in trials:
+        overrides = {parser_dest(parser, k): v for k, v in settings.items()}
+        start = check(argparse.Namespace(**vars(args) | overrides | {"search": None, "trials": None}))
     out = Path(args.out)
-    start = run_folder.check(out, args.resume, args.overwrite)
-    folder = run_folder.RunFolder(out).claim(start)
+    folder = output.RunFolder(out).claim(start)
     results_path = out / "search.json"
     done = {}
     if start == "resume" or results_path.is_file():
@@ -142,7 +163,8 @@ def run(args, parser, say=print):
             done = {}
     write_json(vars(args) | {"plain": list(args.plain) if args.plain else None}, out / "args.json")
     stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    note_signal = lambda signum, frame: stop.update(signal=signum)
+    previous = {s: signal.signal(s, note_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     records = []
     try:
         for i, settings in enumerate(trials, start=1):
@@ -152,9 +174,11 @@ def run(args, parser, say=print):
             record = {"name": name, "settings": settings, "seed": args.seed, "command": " ".join(cmd[1:])}
             if name in done and done[name]["settings"] == settings:
                 records.append(done[name])
-                say(f"{name}: done before ({', '.join(f'{k}={v}' for k, v in settings.items())}), validation loss {done[name]['loss']:.4f}")
+                say(f"{name}: done before ({', '.join(f'{k}={v}' for k, v in settings.items())}), validation"
+                    f" loss {done[name]['loss']:.4f}")
                 continue
-            say(f"{name} of {len(trials)}: " + " ".join(f"--{k} {v}" for k, v in settings.items()) + f"\n  $ python {record['command']}")
+            flags = " ".join(f"--{k} {v}" for k, v in settings.items())
+            say(f"{name} of {len(trials)}: {flags}\n  $ python {record['command']}")
             if trial_out.exists():
                 cmd.append("--resume")                         # a trial stopped half-way continues where it stopped
             code = subprocess.run(cmd, preexec_fn=_default_signals).returncode
@@ -167,7 +191,8 @@ def run(args, parser, say=print):
             if code != 0 or scores is None:
                 records.append(record | {"status": "failed", "exit_status": code})
                 _save(results_path, space, args, records, trials, i)
-                raise NanotuneError(f"{name} failed (exit status {code}); its output is above. Fix it, then run the same command plus --resume")
+                raise NanotuneError(f"{name} failed (exit status {code}); its output is above. Fix it, then"
+                                    " run the same command plus --resume")
             records.append(record | {"status": "done"} | scores)
             _save(results_path, space, args, records, trials, i)
     finally:
@@ -190,13 +215,14 @@ def _default_signals():
 
 
 def _save(path, space, args, records, trials, upto):
-    pending = [{"name": f"trial-{i:03d}", "settings": s, "status": "pending"} for i, s in enumerate(trials, start=1) if i > upto]
+    pending = [{"name": f"trial-{i:03d}", "settings": s, "status": "pending"}
+               for i, s in enumerate(trials, start=1) if i > upto]
     write_json({"space": {k: list(v) for k, v in space.items()}, "seed": args.seed, "trials": records + pending}, path)
 
 
 def keep_best(out, best):
     """The best trial's model files, copied into OUT (each written atomically)."""
-    for name in run_folder.MODEL_FILES:
+    for name in output.MODEL_FILES:
         if (best / name).is_file():
             copy_file(best / name, out / name)
         elif (out / name).is_file():
@@ -209,8 +235,9 @@ def keep_best(out, best):
 def format_table(ranked, space):
     metrics = [k for k in ("perplexity", "accuracy", "macro_f1") if k in ranked[0]]
     header = ["trial", *space, "validation loss", *metrics, "epoch"]
-    rows = [[r["name"], *(f"{r['settings'][k]:g}" if isinstance(r["settings"][k], float) else str(r["settings"][k]) for k in space),
-             f"{r['loss']:.4f}", *(f"{r[m]:.4f}" for m in metrics), str(r.get("epoch", ""))] for r in ranked]
+    shown = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    rows = [[r["name"], *(shown(r["settings"][k]) for k in space), f"{r['loss']:.4f}",
+             *(f"{r[m]:.4f}" for m in metrics), str(r.get("epoch", ""))] for r in ranked]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header)] + [line(r) for r in rows])

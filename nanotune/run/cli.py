@@ -2,9 +2,10 @@
 text with defaults, and errors for people (one line, exit status 2, no traceback)."""
 import argparse
 import math
+import os
 import sys
 
-from .errors import NanotuneError
+from ..errors import NanotuneError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,9 +85,11 @@ def device(name):
         return name
     if d.type == "cuda":
         if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{name}: this machine has no usable CUDA GPU: use cpu, or leave --device out")
+            raise argparse.ArgumentTypeError(f"{name}: this machine has no usable CUDA GPU: use cpu, or leave"
+                                             " --device out")
         if d.index is not None and d.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+            raise argparse.ArgumentTypeError(f"{name}: this machine has {torch.cuda.device_count()} CUDA"
+                                             " device(s), numbered from 0")
         return name
     backend = getattr(torch.backends, d.type, None) or getattr(torch, d.type, None)
     if backend is None or not getattr(backend, "is_available", lambda: False)():
@@ -112,21 +115,27 @@ def native_bf16(device) -> bool:
 
 def trick_names(value):
     """--plain's value: "all", or trick names separated by commas (nanotune/tricks.py lists them)."""
-    from . import tricks
+    from .. import tricks
     names = tricks.NAMES if value == "all" else tuple(n.strip() for n in value.split(","))
     unknown = [n for n in names if n not in tricks.NAMES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{value!r}: give no value for all tricks, or some of {', '.join(tricks.NAMES)}")
+        raise argparse.ArgumentTypeError(f"{value!r}: give no value for all tricks, or some of"
+                                         f" {', '.join(tricks.NAMES)}")
     return names
 
 
 def add_plain_flag(parser):
     """--plain, the same on train.py and generate.py."""
-    from . import tricks
+    from .. import tricks
     g = parser.add_argument_group("reading the code")
     g.add_argument("--plain", nargs="?", const="all", type=trick_names, metavar="TRICKS",
                    help="turn the speed tricks off and run the textbook version of every step (or only of TRICKS,"
                         f" comma-separated: {', '.join(tricks.NAMES)}); see nanotune/tricks.py")
+
+
+def use_colour(stream=sys.stdout):
+    """Colour on a terminal that shows it, unless NO_COLOR is set."""
+    return stream.isatty() and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
 
 
 def default_device():

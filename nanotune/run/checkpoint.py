@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..errors import NanotuneError
+from ..files import atomic_write, cannot_write
 from .distributed import barrier, rank, sum_across
-from .errors import NanotuneError
-from .files import atomic_write, cannot_write
 
 STATE_FILE = "training_state.pt"
 SHARD_FOLDERS = ("sharded-a", "sharded-b")      # FSDP: the shards of this state and of the one before
@@ -80,25 +80,28 @@ def _saved(folder):
     except FileNotFoundError:
         return {}
     except Exception as e:
-        raise NanotuneError(f"--resume: {path} cannot be read ({str(e).splitlines()[0]}): start the run again") from None
+        reason = str(e).splitlines()[0]
+        raise NanotuneError(f"--resume: {path} cannot be read ({reason}): start the run again") from None
 
 
 def load_state(folder, model, optimizer, sharded=False) -> dict:
     """Restore weights, optimizer and random state; return the saved progress."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
-        raise NanotuneError(f"--resume: no {STATE_FILE} in {folder}: start without --resume, or point --out at the interrupted run")
+        raise NanotuneError(f"--resume: no {STATE_FILE} in {folder}: start without --resume, or point --out"
+                            " at the interrupted run")
     state = _saved(folder)
     if sharded != ("sharded" in state):
-        how = ("with --fsdp (its weights are in shards)", "without --fsdp") if "sharded" in state else ("without --fsdp", "with --fsdp")
-        raise NanotuneError(f"--resume: the run in {folder} was saved {how[0]}: resume it {how[0].split(' (')[0]}")
+        saved = "with --fsdp (its weights are in shards)" if "sharded" in state else "without --fsdp"
+        raise NanotuneError(f"--resume: the run in {folder} was saved {saved}: resume it {saved.split(' (')[0]}")
     if sharded:
         _load_shards(Path(folder) / state["sharded"], model, optimizer, state["param_groups"])
     else:
         params = dict(model.named_parameters())
         for name, tensor in state["model"].items():
             if name not in params or params[name].shape != tensor.shape:
-                raise NanotuneError(f"--resume: the checkpoint in {folder} does not fit this model ({name}): resume with the same model and options")
+                raise NanotuneError(f"--resume: the checkpoint in {folder} does not fit this model ({name}):"
+                                    " resume with the same model and options")
             with torch.no_grad():
                 params[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
@@ -129,11 +132,12 @@ class CheckpointDescription(pickle.Unpickler):
     ALLOWED = {("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "BytesStorageMetadata",
         "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-        ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in self.ALLOWED or is_dtype:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's description")
 
@@ -169,3 +173,10 @@ class StopSignals:
     def requested(self, device) -> bool:
         """Asked on every rank after every step, so that all ranks stop at the same one."""
         return bool(sum_across(self.received is not None, device=device)[0])
+
+
+def save_and_stop(out, model, optimizer, progress, sharded, say, signum):
+    """Ctrl-C or SIGTERM: save the state after this step, so that --resume continues from it."""
+    save_state(Path(out) / "checkpoint", model, optimizer, progress, sharded=sharded)
+    say(f"stopped by signal {signum}: the state is saved; continue with the same command plus --resume")
+    return 128 + signum

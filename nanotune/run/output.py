@@ -9,12 +9,13 @@ has passed does `RunFolder.claim` take the lock and touch the disk.
 """
 import atexit
 import json
+import math
 import os
 import re
 from pathlib import Path
 
-from .errors import NanotuneError
-from .files import atomic_write, cannot_write
+from ..errors import NanotuneError
+from ..files import atomic_write, cannot_write, write_json
 
 LOCK = ".nanotune.lock"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -103,12 +104,14 @@ def _writable(folder: Path):
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise NanotuneError(f"--out {folder}: {existing} is a file, so the folder cannot be made there: choose another --out")
+        raise NanotuneError(f"--out {folder}: {existing} is a file, so the folder cannot be made there:"
+                            " choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise NanotuneError(f"--out {folder}: no permission to write in {existing}: choose a folder you can write to")
     for sub in RUN[1]:
         if (folder / sub).is_dir() and not os.access(folder / sub, os.W_OK | os.X_OK):
-            raise NanotuneError(f"--out {folder}: no permission to write in {folder / sub}: fix its permissions or choose another --out")
+            raise NanotuneError(f"--out {folder}: no permission to write in {folder / sub}: fix its"
+                                " permissions or choose another --out")
 
 
 def check(out, resume, overwrite, inputs=()) -> str:
@@ -124,25 +127,29 @@ def check(out, resume, overwrite, inputs=()) -> str:
     _writable(out)
     held_by = lock_holder(out)
     if held_by is not None:
-        raise NanotuneError(f"--out {out} is in use by another nanotune run (process {held_by}): wait for it to finish, or choose another --out")
+        raise NanotuneError(f"--out {out} is in use by another nanotune run (process {held_by}): wait for it"
+                            " to finish, or choose another --out")
     ours, foreign = _entries(out)
     if not ours and not foreign:
         return "restart" if resume else "new"
     for flag, path in inputs:
         if path is not None and _inside(Path(path), out):
             relation = "is" if Path(path).resolve() == out.resolve() else "holds"
-            raise NanotuneError(f"--out {out} {relation} the {flag} {path}, which this run reads: write the run to another folder")
+            raise NanotuneError(f"--out {out} {relation} the {flag} {path}, which this run reads: write the"
+                                " run to another folder")
     has_state = any((out / state).is_file() for state in STATES)
     is_run = any((out / m).is_file() for m in MARKERS)
     if resume and has_state:
         return "resume"
     if not (resume or overwrite):
-        hint = "add --resume to continue that run, or --overwrite to replace it" if is_run else "it is not a nanotune run folder"
+        hint = ("add --resume to continue that run, or --overwrite to replace it" if is_run
+                else "it is not a nanotune run folder")
         raise NanotuneError(f"--out {out} already has files: choose another --out ({hint})")
     if foreign or not is_run:
-        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "") if foreign else ", ".join(ours[:4])
-        raise NanotuneError(f"--out {out} holds files that nanotune did not write ({shown}), so nanotune will not replace it:"
-                            " choose another --out, or empty that folder yourself")
+        more = f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
+        shown = ", ".join(foreign[:4]) + more if foreign else ", ".join(ours[:4])
+        raise NanotuneError(f"--out {out} holds files that nanotune did not write ({shown}), so nanotune will not"
+                            " replace it: choose another --out, or empty that folder yourself")
     return "restart" if resume else "overwrite"
 
 
@@ -206,8 +213,8 @@ class RunFolder:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             if not _try_lock(fd):
                 os.close(fd)
-                raise NanotuneError(f"--out {self.out} is in use by another nanotune run (process {lock_holder(self.out)}):"
-                                    " wait for it to finish, or choose another --out")
+                raise NanotuneError(f"--out {self.out} is in use by another nanotune run (process"
+                                    f" {lock_holder(self.out)}): wait for it to finish, or choose another --out")
             try:       # a run that just finished may have removed the file we opened: lock the one that is there
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:
                     break
@@ -222,7 +229,8 @@ class RunFolder:
         for folder in [self.out] + _nanotune_dirs(self.out):
             for entry in folder.iterdir():
                 # half-written files of a killed run; when replacing, also the locks its trials left
-                if entry.is_file() and (is_temporary(entry.name) or (replace and entry.name == LOCK and folder != self.out)):
+                stale_lock = replace and entry.name == LOCK and folder != self.out
+                if entry.is_file() and (is_temporary(entry.name) or stale_lock):
                     entry.unlink()
         if replace:
             ours, _ = _entries(self.out)
@@ -260,3 +268,47 @@ class RunFolder:
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line + "\n")
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+
+
+# ---- the run's hold on OUT, from its first write to its end ----------------------------------
+
+def take(args, run, model, optimizer, training=True, records=None):
+    """Lock --out (one run per folder), clear what a killed run left half-written, and for a
+    resumed run load the saved state. A training run also records its settings (OUT/args.json) and
+    the `records` given ({file name: JSON or None}), and cuts the metrics back to where it resumes; a
+    finding mode (--lr-find) leaves the run's records as they are. Returns where training starts."""
+    from .checkpoint import load_state
+    from .distributed import barrier
+    out = Path(args.out)
+    barrier()                                    # every rank has checked --out before rank 0 locks it
+    folder = RunFolder(out).claim(run.start) if run.main_process else None
+    barrier()
+    progress = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
+    if run.start == "resume":
+        progress = load_state(out / "checkpoint", model, optimizer, sharded=args.fsdp)
+        run.print(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step']}")
+    elif run.start == "restart":
+        run.print(f"note: {out} holds no saved training state yet, so --resume starts the run from the beginning")
+    if run.main_process and training:
+        folder.trim_metrics(progress["step"])    # the steps after it are about to be redone
+        record_settings(out, args, run.start == "resume", run.print)
+        for name, record in (records or {}).items():
+            if record is not None:
+                write_json(record, out / name)
+    return progress
+
+
+def record_settings(out, args, resumed, say):
+    """OUT/args.json: the run's settings. A resumed run is told which ones it changed."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    path = out / "args.json"
+    if resumed and path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            before = {}
+        changed = [f"--{k.replace('_', '-')} {settings[k]} (was {before[k]})" for k in settings
+                   if k in before and before[k] != settings[k] and k not in ("stop_after_epochs", "device")]
+        if changed:
+            say("note: resuming with settings that differ from the interrupted run's: " + ", ".join(changed))
+    write_json(settings, path)

@@ -20,7 +20,8 @@ def read_tokens(value) -> list:
     else:
         tokens = [t.strip() for t in value.split(",") if t.strip()]
     if not tokens:
-        raise NanotuneError(f"--add-tokens {value!r} names no tokens: give them separated by commas, or a file with one a line")
+        raise NanotuneError(f"--add-tokens {value!r} names no tokens: give them separated by commas, or a"
+                            " file with one a line")
     return list(dict.fromkeys(tokens))
 
 
@@ -79,3 +80,28 @@ def train_rows_only(embedding, rows):
     mask = torch.zeros(embedding.weight.shape[0], 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
     mask[list(rows)] = 1
     embedding.weight.register_hook(lambda grad: grad * mask)
+
+
+def grow_tokenizer(tokenizer, spec):
+    """--add-tokens, the tokenizer's half: new whole tokens, so that the data report and the
+    batches already see them. Returns (the tokens asked for, their ids, the vocabulary's size before)."""
+    wanted = read_tokens(spec) if spec else []
+    before = tokenizer.vocab_size
+    return wanted, add_tokens(tokenizer, wanted) if wanted else [], before
+
+
+def grow_embedding(model, tokenizer, added, multiple_of=None, say=print) -> list:
+    """--add-tokens and --pad-vocab-to-multiple-of, the model's half: as many new rows in the
+    embedding as the tokenizer has new tokens (the transfer-learning step `resize_token_embeddings`).
+    Returns the ids of the tokens added."""
+    wanted, ids, before = added
+    if not (wanted or multiple_of):
+        return []
+    new = [i for i in ids if i >= before]
+    rows = resize_token_embeddings(model, max(tokenizer.vocab_size, model.config.vocab_size), multiple_of)
+    if wanted:
+        names = ", ".join(t for t, i in zip(wanted, ids) if i >= before) or "all were there"
+        span = f"{min(new)}..{max(new)}" if new else "-..-"
+        say(f"tokens: added {len(new)} of {len(wanted)} ({names}), ids {span}; the embedding has {rows:,} rows,"
+            " new ones the mean of the others")
+    return new

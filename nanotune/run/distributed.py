@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..hub import own_memory
+
 
 def setup(device_name=None):
     """(device, rank, world_size); starts the process group when run under torchrun."""
@@ -30,13 +32,16 @@ def setup(device_name=None):
 
 def wrap(model, device, fsdp=False):
     """The model as the training loop sees it. FSDP shards each transformer block separately, so
-    only one block's full weights exist at a time in forward and backward."""
+    only one block's full weights exist at a time in forward and backward. The weights that train
+    get memory of their own first (hub.own_memory): DDP and FSDP take hold of them as they are."""
+    own_memory(p for p in model.parameters() if p.requires_grad)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
             fully_shard(block)
         return fully_shard(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def sum_across(*values, device):

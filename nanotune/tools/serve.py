@@ -23,8 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from .errors import NanotuneError
-from .generation import generate
+from ..errors import NanotuneError
+from ..generation import generate
 
 MAX_BODY = 1 << 20               # bytes of JSON a request may send
 MAX_N = 16                       # choices per prompt
@@ -48,7 +48,8 @@ def field(body, name, types, default, check=None, allowed=""):
     value = body.get(name, default)
     if value is None:
         return default
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)))
+    kinds = types if isinstance(types, tuple) else (types,)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in kinds)
     if not ok or (check is not None and not check(value)):
         raise RequestError(400, f"{name!r} is {json.dumps(value)[:60]}: it must be {allowed}", param=name)
     return value
@@ -100,9 +101,10 @@ class Engine:
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             prompts = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
             prompts = [prompt]                       # one prompt as token ids
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and all(type(t) is int for t in p)
+                                                         for p in prompt):
             prompts = prompt
         else:
             raise RequestError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
@@ -111,7 +113,8 @@ class Engine:
         if any(not 0 <= t < vocab for p in ids for t in p):
             raise RequestError(400, f"'prompt' has token ids outside 0..{vocab - 1}", param="prompt")
         ids = [p or [self.tokenizer.bos_id] for p in ids]
-        stop = field(body, "stop", (str, list), [], lambda v: v != "" if isinstance(v, str) else len(v) <= 4 and all(isinstance(s, str) and s for s in v),
+        stops_ok = lambda v: v != "" if isinstance(v, str) else len(v) <= 4 and all(isinstance(s, str) and s for s in v)
+        stop = field(body, "stop", (str, list), [], stops_ok,
                      "a non-empty string or a list of up to 4 non-empty strings")
         settings = {
             "max_tokens": field(body, "max_tokens", int, 16, lambda v: v >= 1, "a whole number >= 1"),
@@ -130,13 +133,16 @@ class Engine:
         if settings["stream"] and settings["logprobs"] is not None:
             raise RequestError(400, "'logprobs' is not supported with 'stream'", param="logprobs")
         if len(ids) * settings["n"] > self.max_batch:
-            raise RequestError(400, f"this request asks for {len(ids) * settings['n']} sequences ({len(ids)} prompts x n {settings['n']});"
-                                    f" the server decodes at most {self.max_batch} at once (--max-batch): send fewer prompts or a smaller n",
+            raise RequestError(400, f"this request asks for {len(ids) * settings['n']} sequences ({len(ids)}"
+                                    f" prompts x n {settings['n']}); the server decodes at most"
+                                    f" {self.max_batch} at once (--max-batch): send fewer prompts or a"
+                                    " smaller n",
                                param="n")
         longest = max(map(len, ids))
         if longest + settings["max_tokens"] > context:
-            raise RequestError(400, f"this model's context is {context} tokens; the prompt has {longest} and 'max_tokens' asks for"
-                                    f" {settings['max_tokens']} more: lower 'max_tokens' to {max(context - longest, 0)} or less",
+            raise RequestError(400, f"this model's context is {context} tokens; the prompt has {longest} and"
+                                    f" 'max_tokens' asks for {settings['max_tokens']} more: lower"
+                                    f" 'max_tokens' to {max(context - longest, 0)} or less",
                                param="max_tokens", code="context_length_exceeded")
         return Completion(body, ids, settings)
 
@@ -207,15 +213,15 @@ class Engine:
                 alternatives = {}
                 for v, t in zip(*lp.topk(k)) if k else ():
                     text = self.tokenizer.decode([int(t)], skip_special_tokens=False)
-                    if "\ufffd" in text or text in alternatives:     # half a character, or a clash: the vocabulary's own symbol
+                    if "\ufffd" in text or text in alternatives:     # half a character, or a clash: the raw token
                         text = self.tokenizer.tokenizer.id_to_token(int(t))
                     alternatives[text] = float(v)
                 logprobs.setdefault(i, []).append((int(tokens[i]), float(lp[tokens[i]]), alternatives))
         generator = torch.Generator(self.device).manual_seed(s["seed"]) if s["seed"] is not None else None
         want_logprobs = any(r.settings["logprobs"] is not None for r in requests)
         with self.lock:
-            generate(self.model, [ch.prompt_ids for ch in choices], max(ch.max_tokens for ch in choices), self.tokenizer.pad_id,
-                     eos, s["temperature"], None, s["top_p"], 1.0, generator, on_token=on_token,
+            generate(self.model, [ch.prompt_ids for ch in choices], max(ch.max_tokens for ch in choices),
+                     self.tokenizer.pad_id, eos, s["temperature"], None, s["top_p"], 1.0, generator, on_token=on_token,
                      on_step=on_step if want_logprobs else None)
         for i, ch in enumerate(choices):
             if ch.finish_reason is None:             # ended at the end-of-text token
@@ -237,8 +243,10 @@ class Engine:
             choices.append(item)
         prompt_tokens = sum(len(ch.prompt_ids) for ch in completion.choices[::completion.settings["n"]])
         completion_tokens = sum(len(ch.tokens) for ch in completion.choices)
-        return {"id": request_id, "object": "text_completion", "created": created, "model": self.model_id, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return {"id": request_id, "object": "text_completion", "created": created, "model": self.model_id,
+                "choices": choices, "usage": usage}
 
     def token_texts(self, ids):
         """Each token's share of the decoded text: they join to the text. A token that is half of a
@@ -260,15 +268,19 @@ class Engine:
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts) or len(texts) > 256:
-            raise RequestError(400, "'input' must be a non-empty string or a list of 1 to 256 non-empty strings", param="input")
+        if (not isinstance(texts, list) or not texts or len(texts) > 256
+                or not all(isinstance(t, str) and t.strip() for t in texts)):
+            raise RequestError(400, "'input' must be a non-empty string or a list of 1 to 256 non-empty"
+                                    " strings", param="input")
         ids, mask = self.tokenizer(texts, max_length=self.model.config.max_position_embeddings)
         with self.lock, torch.inference_mode():
             probs = self.model(ids.to(self.device), mask.to(self.device)).float().softmax(-1).cpu()
         labels = self.model.config.labels
-        data = [{"index": i, "label": labels[int(p.argmax())], "probabilities": dict(zip(labels, p.tolist()))} for i, p in enumerate(probs)]
+        data = [{"index": i, "label": labels[int(p.argmax())], "probabilities": dict(zip(labels, p.tolist()))}
+                for i, p in enumerate(probs)]
         tokens = int(mask.sum())
-        return {"object": "list", "model": self.model_id, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {"object": "list", "model": self.model_id, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     def stop(self):
         self.stopping = True
@@ -321,18 +333,19 @@ class Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         if secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
             return True
-        self.fail(RequestError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'", code="invalid_api_key"))
+        self.fail(RequestError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
+                               code="invalid_api_key"))
         return False
 
     def do_GET(self):
         if not self.authorised():
             return
         engine = self.server.engine
+        card = {"id": engine.model_id, "object": "model", "created": self.server.started, "owned_by": "nanotune"}
         if self.path.rstrip("/") == "/v1/models":
-            return self.send_json(200, {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": self.server.started,
-                                                                      "owned_by": "nanotune"}]})
+            return self.send_json(200, {"object": "list", "data": [card]})
         if self.path.rstrip("/") == f"/v1/models/{engine.model_id}":
-            return self.send_json(200, {"id": engine.model_id, "object": "model", "created": self.server.started, "owned_by": "nanotune"})
+            return self.send_json(200, card)
         self.fail(RequestError(404, f"no route GET {self.path}: this server has GET /v1/models", code="not_found"))
 
     def discard_body(self, length):
@@ -358,7 +371,8 @@ class Handler(BaseHTTPRequestHandler):
         length = int(given)
         if length > MAX_BODY:
             self.discard_body(length)
-            raise RequestError(413, f"the body is {length:,} bytes; the limit is {MAX_BODY:,}", code="request_too_large")
+            raise RequestError(413, f"the body is {length:,} bytes; the limit is {MAX_BODY:,}",
+                               code="request_too_large")
         try:
             body = json.loads(self.rfile.read(length) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -369,7 +383,8 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(400, "the body must be a JSON object")
         model = body.get("model")
         if model is not None and model != self.server.engine.model_id:
-            raise RequestError(404, f"model {model!r} is not served here; this server serves {self.server.engine.model_id!r}",
+            raise RequestError(404, f"model {model!r} is not served here; this server serves"
+                                    f" {self.server.engine.model_id!r}",
                                param="model", code="model_not_found")
         return body
 
@@ -380,7 +395,8 @@ class Handler(BaseHTTPRequestHandler):
                 return
             route = self.path.rstrip("/")
             if route not in ("/v1/completions", "/v1/classify"):
-                raise RequestError(404, f"no route POST {self.path}: this server has POST /v1/completions and /v1/classify", code="not_found")
+                raise RequestError(404, f"no route POST {self.path}: this server has POST /v1/completions and"
+                                        " /v1/classify", code="not_found")
             body = self.read_body()
             if route == "/v1/classify":
                 if engine.is_lm:
@@ -415,15 +431,17 @@ class Handler(BaseHTTPRequestHandler):
         hold = max((len(s) - 1 for s in completion.settings["stop"]), default=0)
 
         def send(choice_index, text, finish_reason=None):
+            choice = {"text": text, "index": choice_index, "logprobs": None, "finish_reason": finish_reason}
             chunk = {"id": request_id, "object": "text_completion", "created": created, "model": engine.model_id,
-                     "choices": [{"text": text, "index": choice_index, "logprobs": None, "finish_reason": finish_reason}]}
+                     "choices": [choice]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
         try:
             while True:
                 kind, ch = completion.events.get()
                 if kind == "error":
-                    self.wfile.write(f"data: {json.dumps(RequestError(500, ch, kind='server_error').body())}\n\n".encode())
+                    self.wfile.write("data:"
+                                     f" {json.dumps(RequestError(500, ch, kind='server_error').body())}\n\n".encode())
                     break
                 if kind == "done":
                     for c in completion.choices:
@@ -474,11 +492,12 @@ def serve(model, tokenizer, model_id, host="127.0.0.1", port=8000, api_key=None,
         server = Server((host, port), engine, api_key, verbose)
     except OSError as e:
         engine.stop()
-        raise NanotuneError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program may be using the port;"
-                            " choose another --port, or --port 0 for any free one") from None
+        raise NanotuneError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program may be using the"
+                            " port; choose another --port, or --port 0 for any free one") from None
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"serving {model_id} on http://{server.server_address[0]}:{server.server_address[1]}/v1"
-          f" ({'completions' if engine.is_lm else 'classify'}; {'an API key is required' if api_key else 'no API key'}); Ctrl-C stops",
+          f" ({'completions' if engine.is_lm else 'classify'};"
+          f" {'an API key is required' if api_key else 'no API key'}); Ctrl-C stops",
           flush=True)
     try:
         server.serve_forever()

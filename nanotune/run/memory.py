@@ -16,6 +16,9 @@ import sys
 import numpy as np
 import torch
 
+from .. import tricks
+from ..errors import NanotuneError
+
 MiB = 2**20
 ALLOCATOR_KEEPS = 0.25         # bytes malloc keeps per byte a training step makes and frees (CPU)
 ADAPTER_PIECES = 2.5           # (batch x length x MLP width) tensors a LoRA block leaves in pieces (CPU)
@@ -69,7 +72,8 @@ def parameter_counts(config, labels=2):
     H, L = config["hidden_size"], config["num_hidden_layers"]
     block_w = sum(i * o for _, i, o in linears(config))
     block_b = sum(o for _, i, o in linears(config)) + 4 * H
-    embeddings = (config["vocab_size"] + config["max_position_embeddings"] + config.get("type_vocab_size", 2)) * H + 2 * H
+    rows = config["vocab_size"] + config["max_position_embeddings"] + config.get("type_vocab_size", 2)
+    embeddings = rows * H + 2 * H
     return {"linear": L * block_w + H * H, "other": L * block_b + embeddings + H + H * labels + labels}
 
 
@@ -77,7 +81,7 @@ def quantized_bytes(weights, mode, double_quant):
     """Bytes of `weights` weights stored by bitsandbytes (an average over the layers' shapes)."""
     if mode == "8bit":
         return weights * 1.0 + weights / 768 * 4          # int8, and a float scale per row (rows of ~768 here)
-    per_block = (1 + 4 / 256) if double_quant else 4        # 4-bit: one scale per 64 weights (itself 8-bit when double-quantized)
+    per_block = (1 + 4 / 256) if double_quant else 4    # 4-bit: a scale per 64 weights (8-bit if double-quantized)
     return weights * 0.5 + weights / 64 * per_block
 
 
@@ -93,10 +97,10 @@ def lora_count(config, r, targets):
 def probe(config, quant, lora, bf16, labels=2):
     """Bytes autograd keeps for backward in one block, as a * (B T C) + c * (B nh T^2) + k, and the
     same for dropout masks and outside the blocks; measured on a model as wide as 16 per head."""
-    from .bert import BertClassifier, BertConfig
-    from .gpt2 import GPT2, GPT2Config
-    from .lora import add_lora
-    from .quantize import quantized_linear, targets
+    from ..bert import BertClassifier, BertConfig
+    from ..gpt2 import GPT2, GPT2Config
+    from ..lora import add_lora
+    from ..quantize import quantize_linears
     is_gpt2 = config["model_type"] == "gpt2"
     nh = config["n_head"] if is_gpt2 else config["num_attention_heads"]
     width = config["n_embd"] if is_gpt2 else config["hidden_size"]
@@ -107,21 +111,22 @@ def probe(config, quant, lora, bf16, labels=2):
     def build(layers):
         torch.manual_seed(0)
         if is_gpt2:
-            keep = {k: config[k] for k in ("activation_function", "embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon") if k in config}
-            model = GPT2(GPT2Config(vocab_size=64, n_positions=256, n_embd=C, n_layer=layers, n_head=nh, n_inner=I, **keep))
+            names = ("activation_function", "embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon")
+            keep = {k: config[k] for k in names if k in config}
+            model = GPT2(GPT2Config(vocab_size=64, n_positions=256, n_embd=C, n_layer=layers, n_head=nh, n_inner=I,
+                                    **keep))
         else:
-            keep = {k: config[k] for k in ("hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob") if k in config}
-            model = BertClassifier(BertConfig(vocab_size=64, hidden_size=C, num_hidden_layers=layers, num_attention_heads=nh,
-                                              intermediate_size=I, max_position_embeddings=256, **keep), labels)
+            names = ("hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob")
+            keep = {k: config[k] for k in names if k in config}
+            model = BertClassifier(BertConfig(vocab_size=64, hidden_size=C, num_hidden_layers=layers,
+                                              num_attention_heads=nh, intermediate_size=I, max_position_embeddings=256,
+                                              **keep), labels)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
         if is_gpt2:
             model.tie_weights()
         if quant is not None:
-            for name in targets(model, quant.skip):
-                parent, _, child = name.rpartition(".")
-                owner = model.get_submodule(parent)
-                setattr(owner, child, quantized_linear(getattr(owner, child), quant))
+            quantize_linears(model, quant)
         if lora is not None:
             add_lora(model, lora)
         return model.train()
@@ -137,11 +142,14 @@ def probe(config, quant, lora, bf16, labels=2):
                 found[storage.data_ptr()] = (storage.nbytes(), t.dtype in (torch.uint8, torch.bool))
             return t
         ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast:
             out = model(ids, output_layer=False) if is_gpt2 else model(ids, torch.ones_like(ids))
         held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held_on_context(out)
                 if t.untyped_storage().data_ptr() not in params | found.keys()}
-        return (sum(n for n, mask in found.values() if not mask), sum(n for n, mask in found.values() if mask), sum(held.values()))
+        kept = sum(n for n, mask in found.values() if not mask)
+        masks = sum(n for n, mask in found.values() if mask)
+        return kept, masks, sum(held.values())
 
     # A whole step first, backward and AdamW's step included: it starts what every run starts
     # (thread pools, kernels, their buffers), so that the memory measured after it holds them.
@@ -200,7 +208,8 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     already = 0 if on_gpu else (baseline if baseline is not None else rss_now())
     parts = {"the libraries, data and tokenizer (measured now)": already} if not on_gpu else {}
     if quant is not None:
-        parts[f"weights (linear layers in {quant.mode}, the rest fp32)"] = quantized_bytes(counts["linear"], quant.mode, quant.double_quant) + 4 * counts["other"]
+        linear = quantized_bytes(counts["linear"], quant.mode, quant.double_quant)
+        parts[f"weights (linear layers in {quant.mode}, the rest fp32)"] = linear + 4 * counts["other"]
     else:
         parts["weights (fp32)"] = 4 * total_params
     trainable = total_params
@@ -223,7 +232,8 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     if is_gpt2 and chunked_loss:
         # a chunk's logits in fp32, their softmax and gradient made in place; in bf16 also one bf16
         # copy beside them (the product's own result, then the gradient's cast)
-        parts[f"output layer: logits, {min(chunk, rows)} positions at a time"] = min(chunk, rows) * V * (6 if bf16 else 4)
+        logits = min(chunk, rows) * V * (6 if bf16 else 4)
+        parts[f"output layer: logits, {min(chunk, rows)} positions at a time"] = logits
         if bf16:
             parts["output layer: its weight in bf16, for the step"] = 2 * V * C
     elif is_gpt2:
@@ -239,12 +249,14 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
         # counts live tensors only.
         made_and_freed = kept[checkpointing] + masks[checkpointing] + parts["gradients (fp32, of what trains)"] + sum(
             v for k, v in parts.items() if k.startswith(("output layer: logits", "the largest")))
-        parts["the allocator: freed memory kept in pieces, and kernels' buffers"] = ALLOCATOR_KEEPS * made_and_freed + RUN_ADDS
+        pieces = ALLOCATOR_KEEPS * made_and_freed + RUN_ADDS
+        parts["the allocator: freed memory kept in pieces, and kernels' buffers"] = pieces
         if lora is not None:
             # Each adapted layer makes full-width tensors a plain layer does not (the frozen layer's
             # output, the update, their sum, the dropped input), and the small tensors a block keeps
             # land in the holes they leave: every block's MLP-wide temporaries then need fresh heap.
-            parts["the allocator: pieces between LoRA's temporaries"] = ADAPTER_PIECES * L * rows * inner * (2 if bf16 else 4)
+            pieces = ADAPTER_PIECES * L * rows * inner * (2 if bf16 else 4)
+            parts["the allocator: pieces between LoRA's temporaries"] = pieces
     parts["total"] = sum(parts.values())
     swap = kept[not checkpointing] + masks[not checkpointing] - kept[checkpointing] - masks[checkpointing]
     other = parts["total"] + swap * (1 + (0 if on_gpu else ALLOCATOR_KEEPS))
@@ -268,14 +280,15 @@ def measured_peak(device):
 
 def what_fits(config, settings, free, grad_accum):
     """The first of the usual ways to save memory that brings the estimate under `free`, as flags."""
-    from .lora import DEFAULT_TARGETS, LoRAConfig
-    from .quantize import QuantConfig
+    from ..lora import DEFAULT_TARGETS, LoRAConfig
+    from ..quantize import QuantConfig
     batch = settings["batch"]
     tries = [({"checkpointing": True}, "--grad-checkpointing")]
     while batch > 1:
         batch //= 2
         steps = grad_accum * settings["batch"] // batch
-        tries.append(({"checkpointing": True, "batch": batch}, f"--grad-checkpointing --batch-size {batch} --grad-accum {steps}"))
+        tries.append(({"checkpointing": True, "batch": batch}, f"--grad-checkpointing --batch-size {batch}"
+                                                               f" --grad-accum {steps}"))
     lora = settings["lora"] or LoRAConfig(DEFAULT_TARGETS[config["model_type"]])
     tries.append(({"checkpointing": True, "batch": 1, "quant": QuantConfig("4bit"), "lora": lora},
                   f"--quantize 4bit --grad-checkpointing --batch-size 1 --grad-accum {grad_accum * settings['batch']}"))
@@ -294,3 +307,34 @@ def format_estimate(parts, batch, seq):
     other = next(k for k in parts if k.startswith("total "))
     lines.append(f"  {'peak':<62}{parts['total'] / MiB:>9,.0f} MiB   ({other[6:]}: {parts[other] / MiB:,.0f} MiB)")
     return "\n".join(lines)
+
+
+def check(args, run, config, report, num_labels):
+    """The run's peak memory, estimated before the model is loaded from config.json and the
+    longest batch (examples are padded to the longest in their batch; --pack fills every row). A
+    run that would not fit stops here, with the settings that would. Returns the estimate."""
+    lengths = report["lengths"]
+    seq = lengths["max_length"] if run.task == "lm" and args.pack else min(lengths["max"], lengths["max_length"])
+    settings = dict(batch=args.batch_size, seq=seq, bf16=args.bf16, quant=run.quant, lora=run.lora,
+                    checkpointing=args.grad_checkpointing, labels=num_labels,
+                    chunked_loss=tricks.enabled("chunked_loss"), on_gpu=run.device.type == "cuda")
+    parts = estimate(config, **settings)
+    run.print(format_estimate(parts, args.batch_size, seq))
+    free = free_memory(run.device)
+    if free is not None and parts["needed"] > free and not args.fsdp:     # (FSDP shards what is counted here)
+        fits = what_fits(config, settings, free, args.grad_accum)
+        advice = (f"try {fits}" if fits else "even --quantize 4bit with LoRA, --grad-checkpointing and --batch-size 1"
+                  " would not fit; use a smaller model")
+        raise NanotuneError(f"the run needs about {parts['needed'] / MiB:,.0f} MiB more but {run.device.type} has"
+                            f" {free / MiB:,.0f} MiB free: {advice}")
+    return parts
+
+
+def report_peak(estimate, device, log, say):
+    """The measured peak beside the estimate, printed and kept in metrics.jsonl."""
+    measured = measured_peak(device)
+    say(f"memory: peak {measured / MiB:,.0f} MiB measured, {estimate['total'] / MiB:,.0f} MiB estimated"
+        f" ({(estimate['total'] - measured) / measured:+.0%})")
+    log.log("memory", measured_mib=round(measured / MiB), estimated_mib=round(estimate["total"] / MiB),
+            error=round((estimate["total"] - measured) / measured, 4),
+            estimate={k: round(v / MiB, 1) for k, v in estimate.items()})

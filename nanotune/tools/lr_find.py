@@ -2,15 +2,19 @@
 steps while the rate grows exponentially, and watch where the loss falls fastest and where it
 explodes. Everything the test changes (weights, optimizer state, random numbers) is put back."""
 import copy
+import itertools
 import math
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-CAVEAT = ("for a pre-trained transformer the finder's suggestion is often about ten times too high: the loss falls fastest"
-          " while the pre-trained weights are being pushed far from where they were, which costs accuracy later;"
-          " a tenth of it is a safer start (--lr-find-check compares the two)")
+from ..errors import NanotuneError
+from ..files import atomic_write, write_json
+
+CAVEAT = ("for a pre-trained transformer the finder's suggestion is often about ten times too high: the loss"
+          " falls fastest while the pre-trained weights are being pushed far from where they were, which"
+          " costs accuracy later; a tenth of it is a safer start (--lr-find-check compares the two)")
 
 
 @contextmanager
@@ -80,9 +84,12 @@ def suggestions(result, skip=5):
 def format_table(result, suggested, rows=12):
     lines = [f"{'learning rate':>14}{'loss':>10}{'smoothed':>10}"]
     n = len(result["lr"])
-    picks = sorted(set(np.linspace(0, n - 1, min(rows, n)).round().astype(int).tolist()) | ({suggested["steepest_index"], suggested["valley_index"]} if suggested else set()))
+    marks = {}
+    if suggested:
+        marks = {suggested["steepest_index"]: "  <- steepest", suggested["valley_index"]: "  <- valley"}
+    picks = sorted(set(np.linspace(0, n - 1, min(rows, n)).round().astype(int).tolist()) | set(marks))
     for i in picks:
-        mark = "  <- steepest" if suggested and i == suggested["steepest_index"] else "  <- valley" if suggested and i == suggested["valley_index"] else ""
+        mark = marks.get(i, "")
         lines.append(f"{result['lr'][i]:>14.2e}{result['loss'][i]:>10.4f}{result['smoothed'][i]:>10.4f}{mark}")
     return "\n".join(lines)
 
@@ -95,7 +102,6 @@ def plot(result, suggested, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from .files import atomic_write
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(result["lr"], result["loss"], alpha=0.3, label="loss")
     ax.plot(result["lr"], result["smoothed"], label="smoothed loss")
@@ -110,3 +116,33 @@ def plot(result, suggested, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return True
+
+
+def run(model, optimizer, step, batches, validate, out, check=False, say=print):
+    """--lr-find: the range test on the training data, its table and plot (OUT/lr_find.json and
+    .png, never the run's own records), a suggested rate; with `check` (--lr-find-check), a few
+    steps at the suggestion and at a tenth of it. `step(indices, lr)` takes one optimizer step on
+    those examples and returns its mean loss; `validate()` gives the validation scores, or {}.
+    The weights and the optimizer are put back after each: nothing here is trained for real."""
+    cycle = itertools.cycle(batches)
+    step_at = lambda lr: step(next(cycle), lr)
+    result = lr_range_test(model, optimizer, step_at)
+    suggested = suggestions(result)
+    say(format_table(result, suggested))
+    write_json(result | {"suggestions": suggested}, out / "lr_find.json")
+    if plot(result, suggested, out / "lr_find.png"):
+        say(f"plot: {out / 'lr_find.png'}")
+    if suggested is None:
+        raise NanotuneError("the loss exploded within the first steps of the range test: nothing to suggest;"
+                            " check the data, or lower --max-grad-norm")
+    say(f"suggested learning rate: {suggested['valley']:.1e} (valley), {suggested['steepest']:.1e} (steepest descent)"
+        f"\nnote: {CAVEAT}")
+    if check:
+        steps = min(50, len(batches))
+        for lr in (suggested["valley"], suggested["valley"] / 10):
+            with restored(model, optimizer):
+                losses = [step_at(lr) for _ in range(steps)]
+                scores = validate()
+            say(f"{steps} steps at {lr:.1e}: training loss {sum(losses[-5:]) / len(losses[-5:]):.4f} over the last 5"
+                + (f", validation loss {scores['loss']:.4f}" if scores else ""))
+    return 0

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import NanotuneError
-from .files import atomic_write
+from ..errors import NanotuneError
+from ..files import atomic_write
 
 EXTRA = ("onnx", "onnxscript", "onnxruntime")
 
@@ -27,7 +27,7 @@ class Logits(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         if hasattr(self.model, "lm_head"):
-            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)      # left padding: count from the first real token
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)    # left padding: count from the first real token
             return self.model(input_ids, attention_mask, positions)
         return self.model(input_ids, attention_mask)
 
@@ -36,7 +36,8 @@ def check_can_export(path):
     """Before any work: the packages are there and the file can be written (and is not there yet)."""
     missing = [m for m in EXTRA if importlib.util.find_spec(m) is None]
     if missing:
-        raise NanotuneError(f"--export-onnx needs {', '.join(missing)}: pip install {' '.join(missing)} (or the project's [export] extra)")
+        raise NanotuneError(f"--export-onnx needs {', '.join(missing)}: pip install {' '.join(missing)} (or"
+                            " the project's [export] extra)")
     path = Path(path)
     if path.exists():
         raise NanotuneError(f"--export-onnx {path} already exists: choose another file name, or remove it first")
@@ -55,8 +56,9 @@ def export_onnx(model, path, vocab_size):
     mask = torch.ones_like(ids)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with torch.no_grad():
-        program = torch.onnx.export(wrapper, (ids, mask), input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}), dynamo=True, verbose=False)
+        free = {0: batch, 1: sequence}
+        program = torch.onnx.export(wrapper, (ids, mask), input_names=["input_ids", "attention_mask"],
+                                    output_names=["logits"], dynamic_shapes=(free, free), dynamo=True, verbose=False)
     atomic_write(Path(path), lambda tmp: program.save(tmp, external_data=False))
     return verify(model, path, vocab_size)
 
@@ -66,7 +68,8 @@ def verify(model, path, vocab_size, steps=32):
     with padding) against nanotune's, and for GPT-2 32 greedy tokens against nanotune's generate."""
     import onnxruntime
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    run = lambda ids, mask: torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+    run = lambda ids, mask: torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy(),
+                                                                      "attention_mask": mask.numpy()})[0])
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab_size, (3, 17), generator=g)
     mask = torch.ones_like(ids)
@@ -78,7 +81,7 @@ def verify(model, path, vocab_size, steps=32):
     real = mask.bool() if ours.dim() == 3 else torch.ones(ours.shape[0], dtype=torch.bool)
     result = {"max_logit_difference": float((ours - theirs).abs()[real].max())}
     if hasattr(model, "lm_head"):
-        from .generation import generate
+        from ..generation import generate
         prompt = ids[0, :6].tolist()
         expected = generate(model, [prompt], steps, 0, None, temperature=0)[0]
         tokens = list(prompt)
@@ -87,3 +90,13 @@ def verify(model, path, vocab_size, steps=32):
             tokens.append(int(run(seq, torch.ones_like(seq))[0, -1].argmax()))
         result |= {"greedy_tokens": steps, "greedy_identical": tokens[len(prompt):] == expected}
     return result
+
+
+def run(model, path):
+    """generate.py --export-onnx: write, check, and say how close onnxruntime came."""
+    checked = export_onnx(model, path, model.config.vocab_size)
+    greedy = checked.get("greedy_identical", True)
+    print(f"wrote {path}; onnxruntime's logits differ from nanotune's by at most {checked['max_logit_difference']:.2e}"
+          + (f", and its {checked['greedy_tokens']} greedy tokens are {'the same' if greedy else 'NOT the same'}"
+             if "greedy_tokens" in checked else ""))
+    return 0 if checked["max_logit_difference"] <= 1e-4 and greedy else 1

@@ -1,0 +1,85 @@
+"""generate.py's command line: every flag, checked as it is read."""
+import torch
+
+from .cli import ArgumentParser, add_plain_flag, device, number, text, whole_number
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parser():
+    """Every flag is checked as it is read: a value out of range stops here, before any work."""
+    p = ArgumentParser(description="Generate text (GPT-2) or predict labels (BERT classifier).")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=text("a Hub id or a model folder"),
+                   help="Hub id, or a folder train.py wrote (a full model, or a LoRA adapter with its base named"
+                        " inside); default: out")
+    g.add_argument("--adapter", type=text("an adapter folder"),
+                   help="a LoRA adapter folder (PEFT layout) to apply to --model")
+    g.add_argument("--quantize", choices=["8bit", "4bit"], help="load the linear layers in 8 or 4 bits (bitsandbytes)")
+    g.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute precision")
+    g.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
+    g = p.add_argument_group("input")
+    g.add_argument("--prompt", action="append", help="text to continue or classify; repeat for a batch")
+    g.add_argument("--prompt-file", type=text("a file"), help="a file with one prompt per line")
+    g = p.add_argument_group("sampling (chapter 2: temperature 0.7, sampling)")
+    g.add_argument("--max-new-tokens", type=whole_number(1), default=100)
+    g.add_argument("--temperature", type=number(0), default=0.7,
+                   help="below 1 sharpens the distribution, above 1 flattens it; 0 picks the most likely token every"
+                        " time (greedy)")
+    g.add_argument("--top-k", type=whole_number(0), default=50,
+                   help="sample only among the k most likely tokens; 0 for all")
+    g.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0,
+                   help="sample only among the most likely tokens that make up this probability")
+    g.add_argument("--repetition-penalty", type=number(0, low_open=True), default=1.0,
+                   help="above 1 makes repeating a token less likely")
+    g.add_argument("--stop", action="append", default=[], type=text("the text to stop at"),
+                   help="stop when this text appears (repeatable)")
+    g.add_argument("--num-samples", type=whole_number(1), default=1, help="continuations per prompt")
+    g.add_argument("--seed", type=whole_number(0, 2**63 - 1), help="same seed, same samples")
+    g = p.add_argument_group("evaluate: how good is the model on a file (same formats as training)")
+    g.add_argument("--eval", metavar="FILE", type=text("a data file"),
+                   help="report loss and perplexity (LM) or accuracy, per-label scores and confusion (classifier)")
+    g.add_argument("--text-column", default="text", type=text("a column name"),
+                   help="text field of .jsonl/.csv/.tsv files")
+    g.add_argument("--label-column", default="label", type=text("a column name"),
+                   help="label field of .jsonl/.csv/.tsv files")
+    g.add_argument("--stride", type=whole_number(1),
+                   help="LM: texts longer than the context are read in overlapping windows this many tokens apart"
+                        " (default and most: the context less one)")
+    g.add_argument("--top-losses", type=whole_number(0), default=5, metavar="K",
+                   help="classifier: show the K examples it got most confidently wrong")
+    g.add_argument("--plot", metavar="PNG", type=text("a file name"),
+                   help="classifier: draw the confusion matrix into this PNG (needs matplotlib)")
+    g.add_argument("--compare", action="store_true",
+                   help="with --quantize: the full-precision model beside the quantized one, and each"
+                        " quantized layer's error")
+    g.add_argument("--json", action="store_true", help="print the results of --eval or --explain as one JSON object")
+    g = p.add_argument_group("explain: why the model said that")
+    g.add_argument("--explain", action="store_true",
+                   help="classifier: integrated gradients for each token; LM: each step's candidates, filter by filter")
+    g.add_argument("--ig-steps", type=whole_number(1), default=32,
+                   help="integrated gradients: points on the path from the baseline")
+    g.add_argument("--ig-baseline", choices=["pad", "zero"], default="pad",
+                   help="integrated gradients: every token replaced by padding, or zero embeddings")
+    g.add_argument("--show-attention", action="store_true",
+                   help="classifier: also the last layer's [CLS] attention, per head")
+    g.add_argument("--explain-top", type=whole_number(1), default=5,
+                   metavar="N", help="LM: candidates shown at each stage")
+    g = p.add_argument_group("serve and export")
+    g.add_argument("--serve", action="store_true",
+                   help="serve the model over HTTP in the OpenAI API's format (/v1/completions, /v1/classify)")
+    g.add_argument("--host", default="127.0.0.1", type=text("a host name or address"),
+                   help="--serve: the address to listen on (0.0.0.0: every network)")
+    g.add_argument("--port", type=whole_number(0, 65535), default=8000, help="--serve: the port (0: any free one)")
+    g.add_argument("--api-key", type=text("a key"),
+                   help="--serve: require 'Authorization: Bearer KEY' (default: $NANOTUNE_API_KEY if set)")
+    g.add_argument("--max-batch", type=whole_number(1, 256), default=32,
+                   help="--serve: most sequences decoded together")
+    g.add_argument("--export-onnx", metavar="FILE", type=text("a file name"),
+                   help="write the model as ONNX (adapters merged first) and check it with onnxruntime")
+    add_plain_flag(p)
+    return p
+
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)

@@ -1,0 +1,41 @@
+"""generate.py --eval FILE: how good a saved model is on a file, in the training data's formats.
+A language model gets loss and perplexity (long texts read in overlapping windows); a classifier
+gets accuracy, per-label scores, the confusion matrix and the examples it got most confidently wrong."""
+import json
+
+from ..data import read_examples, truncate
+from ..errors import NanotuneError
+from ..evaluate import (classification_report, classify_all, format_classification, lm_perplexity, plot_confusion,
+                        top_losses)
+
+
+def evaluate_file(args, model, tokenizer):
+    """(results as a dict, the same as text)."""
+    if hasattr(model, "lm_head"):
+        examples = read_examples(args.eval, args.text_column, args.label_column, with_labels=False)
+        r = lm_perplexity(model, [tokenizer.encode(e["text"]) + [tokenizer.eos_id] for e in examples], args.stride)
+        context = model.config.n_positions
+        windows = (f" ({r['long_texts']} longer than the context of {context}, read in windows {r['stride']}"
+                   " tokens apart)"
+                   if r["long_texts"] else "")
+        return r, (f"{r['texts']} texts, {r['tokens_scored']:,} tokens scored{windows}\n"
+                   f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}")
+    examples = read_examples(args.eval, args.text_column, args.label_column, with_labels=True)
+    names = model.config.labels
+    unknown = sorted({e["label"] for e in examples} - set(names))
+    if unknown:
+        raise NanotuneError(f"--eval {args.eval} has labels the model does not know ({', '.join(unknown)});"
+                            f" it knows {', '.join(names)}")
+    texts, labels = [e["text"] for e in examples], [names.index(e["label"]) for e in examples]
+    sequences = [truncate(s, model.config.max_position_embeddings) for s in tokenizer.encode_batch(texts)]
+    probs = classify_all(model, sequences, tokenizer.pad_id)
+    r = classification_report(probs.argmax(-1).tolist(), labels, names)
+    r["top_losses"] = top_losses(probs, labels, texts, names, args.top_losses)
+    if args.plot:
+        plot_confusion(r, args.plot)
+    return r, format_classification(r, r["top_losses"])
+
+
+def show(args, result, text):
+    print(json.dumps(result, indent=2) if args.json else text)
+    return 0

@@ -38,6 +38,8 @@ def main(args):
     is_lm = hasattr(model, "lm_head")
     if args.export_onnx:                                   # an ONNX file, checked with onnxruntime
         return export.run(model, args.export_onnx)
+    if args.export_gguf:                                   # a GGUF file for llama.cpp, read back to check it
+        return export.run_gguf(model, tokenizer, args.export_gguf, args.gguf_type)
     if args.serve:                                         # an OpenAI-style HTTP server
         return serve.serve(model, tokenizer, args.model or "out", args.host, args.port,
                            args.api_key or os.environ.get("NANOTUNE_API_KEY"), args.max_batch)
@@ -50,7 +52,7 @@ def main(args):
         return classify(model, tokenizer, prompts, device)
 
     # Generate: encode the prompts, continue them, print the text as it grows.
-    context = model.config.n_positions
+    context = model.config.context
     encoded = [tokenizer.encode(p) for p in prompts] or [[tokenizer.bos_id]]
     for p, ids in zip(prompts, encoded):
         if len(ids) >= context:
@@ -97,10 +99,11 @@ def check_modes(args):
     if args.compare and not (args.quantize and args.eval):
         raise NanotuneError("--compare sets a quantized model beside the full-precision one: use it with"
                             " --quantize and --eval")
-    if args.export_onnx:
-        if args.quantize:
-            raise NanotuneError("--export-onnx writes a full-precision model: leave --quantize out")
-        export.check_can_export(args.export_onnx)
+    for flag, path in (("--export-onnx", args.export_onnx), ("--export-gguf", args.export_gguf)):
+        if path:
+            if args.quantize:
+                raise NanotuneError(f"{flag} writes the full-precision model: leave --quantize out")
+            export.check_can_export(path, flag)
 
 
 def load(args, device):

@@ -124,7 +124,7 @@ def adapt(args, run, model, tokenizer, added, train_examples):
     if run.quant:       # what quantizing cost each layer, against the checkpoint's own weights
         texts = [e["text"] for e in train_examples[:8]]
         quantization = quantization_error.report(model, resolve(args.model), args.quantize, args.quant_type,
-                                                 args.double_quant, texts, tokenizer, context_of(model), run.device,
+                                                 args.double_quant, texts, tokenizer, model.config.context, run.device,
                                                  run.print)
     if run.lora:        # freeze the model, train small adapters beside its linear layers (and new tokens' rows)
         run.lora.trainable_tokens = tuple(new_tokens)
@@ -134,10 +134,6 @@ def adapt(args, run, model, tokenizer, added, train_examples):
     if args.grad_checkpointing:
         getattr(model, "bert", model).gradient_checkpointing = True
     return quantization
-
-
-def context_of(model):
-    return getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
 
 
 def tokenize(examples, tokenizer, task, max_length, labels, args):

@@ -53,7 +53,7 @@ def main(argv=None):
     # every text to 512; a joke is about 40 tokens, so over nine tenths of that compute would go to
     # padding. Here each batch is padded to its own longest text (make_batch: dynamic padding), and
     # the attention mask keeps the model from looking at the padding.
-    max_length = min(512, model.config.n_positions)
+    max_length = min(512, model.config.context)
     sequences, labels, _ = lm_sequences(tokenizer.encode_batch(texts), max_length, tokenizer.eos_id)
 
     # Step 4: fine-tune: Adam at 5e-5, cross-entropy, 3 epochs.

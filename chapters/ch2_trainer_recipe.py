@@ -46,7 +46,7 @@ def main(argv=None):
     model = GPT2.from_pretrained(args.model, device=device)
     tokenizer = load_tokenizer(args.model)
     texts = [example["text"] for example in read_examples(args.data)]
-    sequences, labels, _ = lm_sequences(tokenizer.encode_batch(texts), model.config.n_positions, tokenizer.eos_id)
+    sequences, labels, _ = lm_sequences(tokenizer.encode_batch(texts), model.config.context, tokenizer.eos_id)
 
     # AdamW, weight decay 0.01 on the matrices only (not biases, LayerNorms or embeddings, which
     # decay towards zero for no good reason), as Trainer groups them.

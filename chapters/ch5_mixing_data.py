@@ -46,7 +46,7 @@ def main(argv=None):
     general, target = read_examples(args.general), read_examples(args.target)
     texts = [example["text"] for example in mix([general, target], args.weights, seed=0)]
     print(f"{len(general)} general and {len(target)} target-domain texts: {len(texts)} in the mix")
-    max_length = min(512, model.config.n_positions)
+    max_length = min(512, model.config.context)
     sequences, labels, _ = lm_sequences(tokenizer.encode_batch(texts), max_length, tokenizer.eos_id)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)

@@ -54,6 +54,10 @@ class BertConfig:
                                 f" {self.num_attention_heads}")
 
     @property
+    def context(self):
+        return self.max_position_embeddings
+
+    @property
     def labels(self):
         """Label names in id order, e.g. ["negative", "positive"] (None when the config has none)."""
         if not self.id2label:

@@ -43,7 +43,7 @@ def lm_perplexity(model, token_lists, stride=None, batch_size=8):
     `stride`: how far apart the windows over a long text start; at most (and by default) the
     context less one, so that a window's first scored token has a token before it to predict from."""
     model.eval()
-    context = model.config.n_positions
+    context = model.config.context
     stride = min(stride or context - 1, context - 1)
     windows = [w for ids in token_lists for w in lm_windows(ids, context, stride)]
     device = next(model.parameters()).device

@@ -9,7 +9,6 @@ that they all end at the same position.
 import torch
 
 from . import tricks
-from .gpt2 import KVCache
 from .tokenizer import pad
 
 
@@ -66,6 +65,24 @@ def record(tokens, new, finished, eos_id, on_token):
             finished[i] = True
 
 
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, so that decoding one more
+    token costs one position instead of the whole sequence again. Allocated once, filled in place;
+    (layers, key/value heads, head size) come from the model's cache_layout()."""
+
+    def __init__(self, layers, heads, head_size, batch_size, max_len, device=None, dtype=None):
+        shape = (layers, batch_size, heads, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0        # positions filled; the model advances it after each forward
+
+    def update(self, layer, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.0, top_k=None, top_p=None,
              repetition_penalty=1.0, generator=None, on_token=None, on_step=None):
@@ -82,7 +99,7 @@ def generate(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.
     device = model.lm_head.weight.device
     ids, mask = (t.to(device) for t in pad(prompts, pad_id, side="left"))             # (B, T)
     new, finished = [[] for _ in prompts], [False] * len(prompts)
-    for _ in range(min(max_new_tokens, model.config.n_positions - ids.shape[1])):
+    for _ in range(min(max_new_tokens, model.config.context - ids.shape[1])):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)                  # left padding: count from the first real token
         logits = model(ids, mask, positions)[:, -1].float()            # the whole text again; scores for the next
         seen = None
@@ -105,7 +122,7 @@ def generate_with_cache(model, prompts, max_new_tokens, pad_id, eos_id=None, tem
     """`generate`, with a key/value cache (the `kv_cache` trick, see nanotune/tricks.py).
 
     The keys and values of the positions already seen do not change when a token is appended (a
-    position only looks back), so they are kept (gpt2.KVCache) and each step feeds only the newest
+    position only looks back), so they are kept (KVCache, above) and each step feeds only the newest
     token through the model: a step costs one position instead of the whole text. The same logits,
     up to rounding. On CPU, linear layers are also packed once for the decoding steps (bf16, or fp32
     when several sequences decode together), and a quantized model's layers use faster kernels
@@ -114,8 +131,8 @@ def generate_with_cache(model, prompts, max_new_tokens, pad_id, eos_id=None, tem
     B = len(prompts)
     input_ids, attention_mask = (t.to(device) for t in pad(prompts, pad_id, side="left"))   # (B, T)
     T = input_ids.shape[1]
-    max_new_tokens = min(max_new_tokens, model.config.n_positions - T)
-    cache = KVCache(model.config, B, T + max_new_tokens, device, model.lm_head.weight.dtype)
+    max_new_tokens = min(max_new_tokens, model.config.context - T)
+    cache = KVCache(*model.cache_layout(), B, T + max_new_tokens, device, model.lm_head.weight.dtype)
     padded = not bool(attention_mask.all())
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                               # (B, T)
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)

@@ -58,6 +58,10 @@ class GPT2Config:
         if self.n_embd % self.n_head:
             raise NanotuneError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head} in config.json")
 
+    @property
+    def context(self):
+        return self.n_positions
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPT2Config):
@@ -126,23 +130,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, so that decoding one more
-    token costs one position instead of the whole sequence again. Allocated once, filled in place."""
-
-    def __init__(self, cfg: GPT2Config, batch_size: int, max_len: int, device=None, dtype=None):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0        # positions filled; the model advances it after each forward
-
-    def update(self, layer, k, v):
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 def attention_mask_for(attention_mask, T, past, device):
     """The attention mask, (B, 1, T, past + T): True where a query may look.
 
@@ -196,6 +183,10 @@ class GPT2(nn.Module):
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x)
+
+    def cache_layout(self):
+        """(layers, key/value heads, head size) of the key/value cache (generation.KVCache)."""
+        return self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, output_layer=True):
         """Logits (B, T, vocab_size): at each position, scores for the next token. With

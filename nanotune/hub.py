@@ -28,12 +28,17 @@ WANTED_FILES = [
 
 
 def resolve(name_or_path) -> Path:
-    """A local folder as is, or a Hub id downloaded into (or found in) the local cache."""
+    """A local folder as is, a GGUF file converted into a folder in the Hub layout (gguf_file.py), or
+    a Hub id downloaded into (or found in) the local cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from . import gguf_file
+        return gguf_file.resolve(path)
     if path.exists():
-        raise NanotuneError(f"{name_or_path} is a file, not a model folder: pass the folder that holds config.json")
+        raise NanotuneError(f"{name_or_path} is a file, not a model folder: pass the folder that holds config.json"
+                            " (or a .gguf file)")
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise NanotuneError(f"no folder {name_or_path}: pass an existing model folder or a Hub id such as gpt2")
     from huggingface_hub import errors as hub_errors
@@ -68,8 +73,8 @@ def read_config(folder: Path, model_types: tuple) -> dict:
         raise NanotuneError(f"{path} holds a JSON {type(config).__name__}, not an object: restore or re-download it")
     if config.get("model_type") not in model_types:
         raise NanotuneError(f"{path} describes a {config.get('model_type')!r} model; this loader reads"
-                            f" {' or '.join(model_types)} (nanotune implements GPT-2 for text generation and BERT for"
-                            " classification)")
+                            f" {', '.join(model_types)} (nanotune implements GPT-2 and the Llama family for text"
+                            " generation, BERT for classification)")
     return config
 
 

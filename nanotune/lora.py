@@ -21,7 +21,9 @@ from .errors import NanotuneError
 from .new_tokens import input_embedding, resize_token_embeddings, train_rows_only
 from .quantize import dequantized_weight
 
-DEFAULT_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"), "bert": ("query", "key", "value", "dense")}
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"), "bert": ("query", "key", "value", "dense"),
+                   "llama": LLAMA_TARGETS, "qwen2": LLAMA_TARGETS, "mistral": LLAMA_TARGETS}
 HEADS = ("classifier",)          # trained in full alongside the adapter (PEFT's modules_to_save)
 PEFT_PREFIX = "base_model.model."
 TOKENS = ".token_adapter.trainable_tokens_delta"     # PEFT's key for trained embedding rows
@@ -107,13 +109,13 @@ def merge_lora(model):
 def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
     """The adapter alone, in PEFT's layout and key names."""
     folder = Path(folder)
-    is_gpt2 = model.config.model_type == "gpt2"
+    is_lm = hasattr(model, "lm_head")
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if is_gpt2 else "SEQ_CLS",
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if is_lm else "SEQ_CLS",
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": sorted(cfg.targets), "bias": "none",
-        "fan_in_fan_out": is_gpt2,             # GPT-2's Hub weights are Conv1D, stored (in, out)
-        "modules_to_save": None if is_gpt2 else list(HEADS),
+        "fan_in_fan_out": model.config.model_type == "gpt2",    # GPT-2's Hub weights are Conv1D: (in, out)
+        "modules_to_save": None if is_lm else list(HEADS),
         "base_model_name_or_path": base_model_reference(base_model_name), "inference_mode": True,
         "init_lora_weights": True,
     }

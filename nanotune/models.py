@@ -1,12 +1,16 @@
-"""Pick the model class from a checkpoint's config.json: GPT-2 generates text, BERT classifies."""
+"""Pick the model class from a checkpoint's config.json: GPT-2 and the Llama family (llama, qwen2,
+mistral) generate text, BERT classifies."""
 import torch
 
 from . import hub
 from .bert import BertClassifier, BertConfig
 from .errors import NanotuneError
 from .gpt2 import GPT2, GPT2Config
+from .llama import MODEL_TYPES, Llama, LlamaConfig
 
-TASKS = {"gpt2": "lm", "bert": "classify"}
+TASKS = {"gpt2": "lm", "bert": "classify"} | {kind: "lm" for kind in MODEL_TYPES}
+CLASSES = {"gpt2": (GPT2, GPT2Config), "bert": (BertClassifier, BertConfig)} | {kind: (Llama, LlamaConfig)
+                                                                              for kind in MODEL_TYPES}
 
 
 def model_config(name_or_path) -> dict:
@@ -14,7 +18,7 @@ def model_config(name_or_path) -> dict:
     and to hold sizes of the right types, with the defaults of the entries it leaves out."""
     folder = hub.resolve(name_or_path)
     config = hub.read_config(folder, tuple(TASKS))
-    cls = GPT2Config if config["model_type"] == "gpt2" else BertConfig
+    cls = CLASSES[config["model_type"]][1]
     return hub.config_to_dict(hub.config_from_dict(cls, config, folder / "config.json"))
 
 
@@ -23,9 +27,10 @@ def model_type(name_or_path) -> str:
 
 
 def load_model(name_or_path, labels=None, dtype=torch.float32, device="cpu", quantize=None, new_head=False):
-    """GPT2 for a gpt2 checkpoint; BertClassifier (with `labels`, if given) for a bert one."""
-    if model_type(name_or_path) == "gpt2":
-        return GPT2.from_pretrained(name_or_path, dtype=dtype, device=device, quantize=quantize)
+    """GPT2 or Llama for a language model; BertClassifier (with `labels`, if given) for a bert one."""
+    cls = CLASSES[model_type(name_or_path)][0]
+    if cls is not BertClassifier:
+        return cls.from_pretrained(name_or_path, dtype=dtype, device=device, quantize=quantize)
     return BertClassifier.from_pretrained(name_or_path, labels=labels, dtype=dtype, device=device, quantize=quantize,
                                           new_head=new_head)
 
@@ -37,6 +42,6 @@ def check_tokenizer_fits(model, tokenizer, where):
         raise NanotuneError(f"the tokenizer of {where} has {tokenizer.vocab_size:,} tokens but the model's"
                             f" embedding has {model.config.vocab_size:,} rows: use the tokenizer that belongs"
                             " to this model")
-    if tokenizer.eos_id is None and model.config.model_type == "gpt2":
+    if tokenizer.eos_id is None and hasattr(model, "lm_head"):
         raise NanotuneError(f"the tokenizer of {where} has no end-of-text token, which a language model needs"
                             " to learn where a text ends")

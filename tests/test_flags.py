@@ -30,6 +30,7 @@ GENERATE_BAD = {
     "--eval": [""], "--text-column": [""], "--label-column": [""], "--stride": ["0", "-2"], "--top-losses": ["-1"],
     "--plot": [""], "--ig-steps": ["0"], "--ig-baseline": ["random"], "--explain-top": ["0"],
     "--host": [""], "--port": ["-1", "65536"], "--api-key": [""], "--max-batch": ["0", "257"], "--export-onnx": [""],
+    "--export-gguf": [""], "--gguf-type": ["q4_k"],
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
 TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--group-by-length", "--data-report", "--dry-run", "--show-groups", "--lr-find", "--lr-find-check", "--bf16", "--fp32", "--grad-checkpointing", "--fsdp", "--double-quant",

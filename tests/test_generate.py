@@ -6,7 +6,7 @@ from conftest import run_cli
 
 from nanotune import GPT2, load_tokenizer
 from nanotune.generation import generate, repetition_penalty_, top_k_filter, top_p_filter
-from nanotune.gpt2 import KVCache
+from nanotune.generation import KVCache
 
 PROMPTS = ["My grandmother keeps a spare key", "Why", "The weather forecast said there was a thirty percent chance"]
 
@@ -44,7 +44,7 @@ def test_greedy_equals_transformers_alone_and_batched(models):
 def test_kv_cache_step_equals_full_forward(models):
     ours, _, tok = models
     ids = torch.tensor([tok.encode(PROMPTS[2])])
-    cache = KVCache(ours.config, 1, ids.shape[1])
+    cache = KVCache(*ours.cache_layout(), 1, ids.shape[1])
     with torch.no_grad():
         ours(ids[:, :-3], cache=cache)
         stepped = torch.cat([ours(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1] - 3, ids.shape[1])], dim=1)

@@ -77,6 +77,11 @@ def parser():
                    help="--serve: most sequences decoded together")
     g.add_argument("--export-onnx", metavar="FILE", type=text("a file name"),
                    help="write the model as ONNX (adapters merged first) and check it with onnxruntime")
+    g.add_argument("--export-gguf", metavar="FILE", type=text("a file name"),
+                   help="write a Llama-family model as GGUF for llama.cpp and Ollama (adapters merged first),"
+                        " and read it back to check it")
+    g.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16",
+                   help="--export-gguf: how the weight matrices are stored")
     add_plain_flag(p)
     return p
 

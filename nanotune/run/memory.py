@@ -35,9 +35,15 @@ def rss_now():
 
 
 def peak_rss():
-    """The largest resident memory this process has had, in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """The largest resident memory this process has had, in bytes. On Linux, VmHWM: getrusage's
+    ru_maxrss carries over the peak of the process that started this one (fork keeps it and exec
+    does not reset it), so a run started from a large process would report that one's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def available_memory():
@@ -51,14 +57,27 @@ def available_memory():
 
 # ---- parameters, from config.json ---------------------------------------------------------------
 
-def linears(config):
-    """(name, in, out) of one block's linear layers."""
+def dims(config):
+    """(width C, query heads, layers, MLP width) from any of the three families' config.json."""
     if config["model_type"] == "gpt2":
         C = config["n_embd"]
-        inner = config.get("n_inner") or 4 * C
+        return C, config["n_head"], config["n_layer"], config.get("n_inner") or 4 * C
+    return (config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"],
+            config["intermediate_size"])
+
+
+def linears(config):
+    """(name, in, out) of one block's linear layers."""
+    C, nh, _, inner = dims(config)
+    if config["model_type"] == "gpt2":
         return [("c_attn", C, 3 * C), ("c_proj", C, C), ("c_fc", C, inner), ("c_proj", inner, C)]
-    H, inner = config["hidden_size"], config["intermediate_size"]
-    return [("query", H, H), ("key", H, H), ("value", H, H), ("dense", H, H), ("dense", H, inner), ("dense", inner, H)]
+    if config["model_type"] == "bert":
+        return [("query", C, C), ("key", C, C), ("value", C, C), ("dense", C, C), ("dense", C, inner),
+                ("dense", inner, C)]
+    hs = config.get("head_dim") or C // nh
+    kv = (config.get("num_key_value_heads") or nh) * hs
+    return [("q_proj", C, nh * hs), ("k_proj", C, kv), ("v_proj", C, kv), ("o_proj", nh * hs, C),
+            ("gate_proj", C, inner), ("up_proj", C, inner), ("down_proj", inner, C)]
 
 
 def parameter_counts(config, labels=2):
@@ -71,6 +90,10 @@ def parameter_counts(config, labels=2):
                 + (config["vocab_size"] + config["n_positions"]) * C + 2 * C}
     H, L = config["hidden_size"], config["num_hidden_layers"]
     block_w = sum(i * o for _, i, o in linears(config))
+    if config["model_type"] != "bert":                   # Llama: two RMSNorm gains a block, biases (Qwen2's q, k, v)
+        biases = sum(o for name, _, o in linears(config)[:3]) if config["model_type"] == "qwen2" else 0
+        output = 0 if config.get("tie_word_embeddings") else config["vocab_size"] * H
+        return {"linear": L * block_w, "other": L * (2 * H + biases) + config["vocab_size"] * H + output + H}
     block_b = sum(o for _, i, o in linears(config)) + 4 * H
     rows = config["vocab_size"] + config["max_position_embeddings"] + config.get("type_vocab_size", 2)
     embeddings = rows * H + 2 * H
@@ -99,22 +122,28 @@ def probe(config, quant, lora, bf16, labels=2):
     same for dropout masks and outside the blocks; measured on a model as wide as 16 per head."""
     from ..bert import BertClassifier, BertConfig
     from ..gpt2 import GPT2, GPT2Config
+    from ..llama import Llama, LlamaConfig
     from ..lora import add_lora
     from ..quantize import quantize_linears
-    is_gpt2 = config["model_type"] == "gpt2"
-    nh = config["n_head"] if is_gpt2 else config["num_attention_heads"]
-    width = config["n_embd"] if is_gpt2 else config["hidden_size"]
-    inner = (config.get("n_inner") or 4 * width) if is_gpt2 else config["intermediate_size"]
+    kind, is_lm = config["model_type"], config["model_type"] != "bert"
+    width, nh, _, inner = dims(config)
     C = 16 * nh
     I = max(1, round(inner / width * C))
 
     def build(layers):
         torch.manual_seed(0)
-        if is_gpt2:
+        if kind == "gpt2":
             names = ("activation_function", "embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon")
             keep = {k: config[k] for k in names if k in config}
             model = GPT2(GPT2Config(vocab_size=64, n_positions=256, n_embd=C, n_layer=layers, n_head=nh, n_inner=I,
                                     **keep))
+        elif is_lm:
+            names = ("attention_dropout", "attention_bias", "tie_word_embeddings")
+            keep = {k: config[k] for k in names if k in config}
+            kv_heads = config.get("num_key_value_heads") or nh
+            model = Llama(LlamaConfig(vocab_size=64, hidden_size=C, intermediate_size=I, num_hidden_layers=layers,
+                                      num_attention_heads=nh, num_key_value_heads=kv_heads, head_dim=16,
+                                      max_position_embeddings=256, model_type=kind, **keep))
         else:
             names = ("hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob")
             keep = {k: config[k] for k in names if k in config}
@@ -123,7 +152,7 @@ def probe(config, quant, lora, bf16, labels=2):
                                               **keep), labels)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
-        if is_gpt2:
+        if is_lm:
             model.tie_weights()
         if quant is not None:
             quantize_linears(model, quant)
@@ -144,7 +173,7 @@ def probe(config, quant, lora, bf16, labels=2):
         ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast:
-            out = model(ids, output_layer=False) if is_gpt2 else model(ids, torch.ones_like(ids))
+            out = model(ids, output_layer=False) if is_lm else model(ids, torch.ones_like(ids))
         held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held_on_context(out)
                 if t.untyped_storage().data_ptr() not in params | found.keys()}
         kept = sum(n for n, mask in found.values() if not mask)
@@ -155,7 +184,7 @@ def probe(config, quant, lora, bf16, labels=2):
     # (thread pools, kernels, their buffers), so that the memory measured after it holds them.
     model, ids = build(1), torch.randint(0, 64, (2, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = model(ids) if is_gpt2 else model(ids, torch.ones_like(ids))
+        out = model(ids) if is_lm else model(ids, torch.ones_like(ids))
     out.float().mean().backward()
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True).step()
     if importlib.util.find_spec("matplotlib"):       # the run draws its plots with it
@@ -193,10 +222,8 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
              on_gpu=False, baseline=None, chunk=512):
     """{component: bytes}, "total" (the peak: on CPU the process's resident memory, on a GPU the
     memory torch allocates) and "needed" (what the run still has to find), before it starts."""
-    is_gpt2 = config["model_type"] == "gpt2"
-    C = config["n_embd"] if is_gpt2 else config["hidden_size"]
-    nh = config["n_head"] if is_gpt2 else config["num_attention_heads"]
-    L = config["n_layer"] if is_gpt2 else config["num_hidden_layers"]
+    is_lm = config["model_type"] != "bert"
+    C, nh, L, inner = dims(config)
     V = config["vocab_size"]
     counts = parameter_counts(config, labels)
     total_params = counts["linear"] + counts["other"]
@@ -214,7 +241,7 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
         parts["weights (fp32)"] = 4 * total_params
     trainable = total_params
     if lora is not None:
-        trainable = lora_count(config, lora.r, lora.targets) + (0 if is_gpt2 else C * labels + labels)
+        trainable = lora_count(config, lora.r, lora.targets) + (0 if is_lm else C * labels + labels)
         parts[f"LoRA weights (r {lora.r})"] = 4 * lora_count(config, lora.r, lora.targets)
     parts["gradients (fp32, of what trains)"] = 4 * trainable
     parts["optimizer state (AdamW: two moments)"] = 8 * trainable
@@ -229,17 +256,16 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     parts["activations kept for backward" + (" (--grad-checkpointing)" if checkpointing else "")] = kept[checkpointing]
     parts["dropout masks"] = masks[checkpointing]
     rows = batch * seq
-    if is_gpt2 and chunked_loss:
+    if is_lm and chunked_loss:
         # a chunk's logits in fp32, their softmax and gradient made in place; in bf16 also one bf16
         # copy beside them (the product's own result, then the gradient's cast)
         logits = min(chunk, rows) * V * (6 if bf16 else 4)
         parts[f"output layer: logits, {min(chunk, rows)} positions at a time"] = logits
         if bf16:
             parts["output layer: its weight in bf16, for the step"] = 2 * V * C
-    elif is_gpt2:
+    elif is_lm:
         parts["output layer: the full logits, their softmax and gradient"] = rows * V * 4 * 3
     # the largest single temporary besides: a layer's MLP product or the attention scores, and its gradient
-    inner = (config.get("n_inner") or 4 * C) if is_gpt2 else config["intermediate_size"]
     parts["the largest temporary"] = 2 * 4 * max(rows * inner, attention)
     if not on_gpu:
         # glibc's malloc hands freed memory back to the next tensors that fit in it; activations and

@@ -25,10 +25,11 @@ def layers_to_freeze(value):
 
 def parser():
     """Every flag is checked as it is read: a value out of range stops here, before any work."""
-    p = ArgumentParser(description="Fine-tune GPT-2 (text generation) or BERT (classification).")
+    p = ArgumentParser(description="Fine-tune a language model (GPT-2, the Llama family) or BERT (classification).")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gpt2", type=text("a Hub id or a model folder"),
-                   help="Hub id or local folder of a GPT-2 or BERT checkpoint")
+                   help="Hub id or local folder of a GPT-2, Llama-family (llama, qwen2, mistral) or BERT checkpoint,"
+                        " or a .gguf file")
     g.add_argument("--task", choices=["lm", "classify"], help="default: lm for GPT-2, classify for BERT")
     g.add_argument("--new-head", action="store_true",
                    help="classification: replace the checkpoint's classifier head with a new one for the data's labels")
@@ -117,8 +118,8 @@ def parser():
                    help="LoRA scale: the update is multiplied by alpha / r")
     g.add_argument("--lora-dropout", type=number(0, 1, high_open=True), default=0.05)
     g.add_argument("--lora-targets", type=text("layer names, comma-separated"),
-                   help="comma-separated layer names (default: c_attn,c_proj,c_fc for GPT-2;"
-                        " query,key,value,dense for BERT)")
+                   help="comma-separated layer names (default: c_attn,c_proj,c_fc for GPT-2; q_proj,k_proj,v_proj,"
+                        "o_proj,gate_proj,up_proj,down_proj for the Llama family; query,key,value,dense for BERT)")
     g.add_argument("--merge", action="store_true",
                    help="also write OUT/merged: the adapter folded into the (de-quantized) weights, a plain Hub model")
     g = p.add_argument_group("output")
@@ -161,7 +162,7 @@ def parse_args(argv=None):
 def check_settings(args, task):
     """Combinations that cannot work, refused before anything big is loaded."""
     if args.task and args.task != task:
-        raise NanotuneError(f"--task {args.task} does not fit {args.model}: GPT-2 models train as lm, BERT"
+        raise NanotuneError(f"--task {args.task} does not fit {args.model}: language models train as lm, BERT"
                             " models as classify")
     if task == "lm":
         for flag, given in (("--class-weights", args.class_weights), ("--label-smoothing", args.label_smoothing),
@@ -204,13 +205,13 @@ def lora_settings(args, kind):
 def local_inputs(args):
     """The local files and folders the run reads: --out must not hold them."""
     model = Path(args.model).expanduser()
-    return ([("--model", model if model.is_dir() else None)] + [("--data", find_data_file(f)) for f in args.data]
+    return ([("--model", model if model.exists() else None)] + [("--data", find_data_file(f)) for f in args.data]
             + ([("--val-data", find_data_file(args.val_data))] if args.val_data else []))
 
 
 def context_length(args, config, task):
     """--max-length, checked against the model's context (its default)."""
-    context = config["n_positions"] if task == "lm" else config["max_position_embeddings"]
+    context = config.get("n_positions") or config["max_position_embeddings"]      # GPT-2's name, everyone else's
     max_length = args.max_length or context
     if max_length > context:
         raise NanotuneError(f"--max-length {max_length} is more than the model's {context} positions: use at"

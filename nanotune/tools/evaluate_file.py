@@ -14,7 +14,7 @@ def evaluate_file(args, model, tokenizer):
     if hasattr(model, "lm_head"):
         examples = read_examples(args.eval, args.text_column, args.label_column, with_labels=False)
         r = lm_perplexity(model, [tokenizer.encode(e["text"]) + [tokenizer.eos_id] for e in examples], args.stride)
-        context = model.config.n_positions
+        context = model.config.context
         windows = (f" ({r['long_texts']} longer than the context of {context}, read in windows {r['stride']}"
                    " tokens apart)"
                    if r["long_texts"] else "")

@@ -32,19 +32,20 @@ class Logits(torch.nn.Module):
         return self.model(input_ids, attention_mask)
 
 
-def check_can_export(path):
+def check_can_export(path, flag="--export-onnx"):
     """Before any work: the packages are there and the file can be written (and is not there yet)."""
-    missing = [m for m in EXTRA if importlib.util.find_spec(m) is None]
+    needed, extra = (EXTRA, "export") if flag == "--export-onnx" else (("gguf",), "gguf")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
-        raise NanotuneError(f"--export-onnx needs {', '.join(missing)}: pip install {' '.join(missing)} (or"
-                            " the project's [export] extra)")
+        raise NanotuneError(f"{flag} needs {', '.join(missing)}: pip install {' '.join(missing)} (or the"
+                            f" project's [{extra}] extra)")
     path = Path(path)
     if path.exists():
-        raise NanotuneError(f"--export-onnx {path} already exists: choose another file name, or remove it first")
+        raise NanotuneError(f"{flag} {path} already exists: choose another file name, or remove it first")
     if not path.parent.is_dir():
-        raise NanotuneError(f"--export-onnx {path}: there is no folder {path.parent}")
+        raise NanotuneError(f"{flag} {path}: there is no folder {path.parent}")
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise NanotuneError(f"--export-onnx {path}: no permission to write in {path.parent}: choose another folder")
+        raise NanotuneError(f"{flag} {path}: no permission to write in {path.parent}: choose another folder")
 
 
 def export_onnx(model, path, vocab_size):
@@ -100,3 +101,26 @@ def run(model, path):
           + (f", and its {checked['greedy_tokens']} greedy tokens are {'the same' if greedy else 'NOT the same'}"
              if "greedy_tokens" in checked else ""))
     return 0 if checked["max_logit_difference"] <= 1e-4 and greedy else 1
+
+
+def run_gguf(model, tokenizer, path, kind):
+    """generate.py --export-gguf: write the GGUF file, then read it back as any GGUF is read and
+    compare: the logits of a few sequences, and 32 greedy tokens."""
+    from .. import gguf_file
+    from ..generation import generate
+    from ..llama import Llama
+    if not isinstance(model, Llama):
+        raise NanotuneError(f"--export-gguf writes Llama-family models; nanotune writes no GGUF for"
+                            f" {type(model).__name__} (use --export-onnx)")
+    model = model.eval().float()
+    gguf_file.write(model, tokenizer, path, kind)
+    back = Llama.from_pretrained(gguf_file.resolve(path)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = float((model(ids) - back(ids)).abs().max())
+    prompt = ids[0, :6].tolist()
+    same = generate(model, [prompt], 32, 0, None, temperature=0) == generate(back, [prompt], 32, 0, None, temperature=0)
+    size = Path(path).stat().st_size / 2**20
+    print(f"wrote {path} ({kind}, {size:,.1f} MiB); read back, its logits differ from nanotune's by at most"
+          f" {difference:.2e}, and its 32 greedy tokens are {'the same' if same else 'not all the same'}")
+    return 0 if kind != "f32" or (difference <= 1e-4 and same) else 1

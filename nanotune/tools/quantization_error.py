@@ -137,7 +137,7 @@ def compare(args, model, tokenizer, base, device):
     full, full_text = evaluate_file(quietly, full_model, tokenizer)
     del full_model
     examples = read_examples(args.eval, args.text_column, args.label_column, with_labels=False)[:8]
-    context = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    context = model.config.context
     ids, mask = tokenizer([e["text"] for e in examples], max_length=context)
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     variants = FOUR_BIT_VARIANTS if args.quantize == "4bit" else []

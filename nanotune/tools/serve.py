@@ -95,7 +95,7 @@ class Engine:
 
     # ---- completions ---------------------------------------------------------------------------
     def parse_completion(self, body):
-        context = self.model.config.n_positions
+        context = self.model.config.context
         prompt = body.get("prompt", "<|endoftext|>")
         if isinstance(prompt, str):
             prompts = [prompt]

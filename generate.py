@@ -16,6 +16,7 @@ import sys
 import torch
 
 from nanotune import NanotuneError, hub, load_tokenizer, tricks
+from nanotune.chat import ChatTemplate, read_template
 from nanotune.generation import generate
 from nanotune.lora import load_adapter, merge_lora, read_adapter_config
 from nanotune.models import check_tokenizer_fits, load_model
@@ -50,10 +51,17 @@ def main(args):
         return show(args, *explain.explain_classifier(args, model, tokenizer, prompts))
     if not is_lm:
         return classify(model, tokenizer, prompts, device)
+    template = conversation_template(args, tokenizer)    # a chat model's prompts go through its chat template
+    if args.chat:                                        # a conversation in the terminal
+        return chat(args, model, tokenizer, template, device)
 
     # Generate: encode the prompts, continue them, print the text as it grows.
     context = model.config.context
-    encoded = [tokenizer.encode(p) for p in prompts] or [[tokenizer.bos_id]]
+    if template and prompts:                             # each prompt a user's message; the model answers it
+        encoded = [template.encode(opening(args) + [{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in prompts]
+    else:
+        encoded = [tokenizer.encode(p) for p in prompts] or [[tokenizer.bos_id]]
     for p, ids in zip(prompts, encoded):
         if len(ids) >= context:
             raise NanotuneError(f"a prompt is {len(ids)} tokens, and the model's context is {context}:"
@@ -64,19 +72,66 @@ def main(args):
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     if args.explain:                                       # every sampling step, filter by filter
         return explain.explain_generation(args, model, tokenizer, sequences, prompts, generator)
+    stops = template.stop_ids() if template else tokenizer.eos_id     # a chat model stops at its end of turn too
     printer = Printer(tokenizer, args.stop, stream=len(sequences) == 1)
-    if printer.stream and prompts:
+    if printer.stream and prompts and not template:
         print(prompts[0], end="", flush=True)
-    generate(model, sequences, args.max_new_tokens, tokenizer.pad_id, tokenizer.eos_id, args.temperature,
+    generate(model, sequences, args.max_new_tokens, tokenizer.pad_id, stops, args.temperature,
              args.top_k or None, args.top_p, args.repetition_penalty, generator, on_token=printer)
     for i in range(len(sequences)):
         if printer.stream:
             printer.finish(i)
         else:
-            prompt = prompts[i // args.num_samples] if prompts else ""
+            prompt = prompts[i // args.num_samples] + ("\n" if template else "") if prompts else ""
             print(f"--- prompt {i // args.num_samples + 1}, sample"
                   f" {i % args.num_samples + 1}\n{prompt}{printer.finish(i)}")
     return 0
+
+
+def conversation_template(args, tokenizer):
+    """The chat template prompts go through: --chat-template's, or the model's own; None for a model
+    without one (GPT-2) or with --raw."""
+    if args.raw:
+        if args.chat or args.system:
+            raise NanotuneError("--chat and --system write through the chat template: leave out --raw")
+        return None
+    source = read_template(None, args.chat_template) if args.chat_template else tokenizer.chat_template
+    if source is None:
+        if args.chat or args.system:
+            raise NanotuneError("this model has no chat template to write a conversation with: give one with"
+                                " --chat-template FILE, or --chat-template chatml")
+        return None
+    return ChatTemplate(source, tokenizer)
+
+
+def opening(args):
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def chat(args, model, tokenizer, template, device):
+    """--chat: a conversation in the terminal. Every message, and every answer so far, goes back to
+    the model through its chat template; each answer streams as it is written and ends at the
+    model's end-of-turn token. Ctrl-D (end of input) ends the conversation."""
+    history, stops = opening(args), template.stop_ids()
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    print("a conversation: write a message and press Enter; Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            message = input("> ")
+        except EOFError:
+            return 0
+        if not message.strip():
+            continue
+        history.append({"role": "user", "content": message})
+        ids = template.encode(history, add_generation_prompt=True)
+        room = model.config.context - len(ids)
+        if room < 1:
+            raise NanotuneError(f"the conversation has grown to {len(ids)} tokens, the model's whole context:"
+                                " start a new one")
+        printer = Printer(tokenizer, args.stop, stream=True)
+        generate(model, [ids], min(args.max_new_tokens, room), tokenizer.pad_id, stops, args.temperature,
+                 args.top_k or None, args.top_p, args.repetition_penalty, generator, on_token=printer)
+        history.append({"role": "assistant", "content": printer.finish(0)})
 
 
 def read_prompts(args):

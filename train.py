@@ -17,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from nanotune import NanotuneError, load_tokenizer, tricks
-from nanotune.data import (batch_order, check_something_to_learn, lm_sequences, make_batch, mix, pack, padding_note,
-                           read_examples, split, truncate)
+from nanotune.chat import ChatTemplate, read_template
+from nanotune.data import (batch_order, check_something_to_learn, lm_sequences, make_batch, mix, pack, pack_examples,
+                           padding_note, read_examples, split, truncate)
 from nanotune.evaluate import evaluate
 from nanotune.files import write_json
 from nanotune.hub import resolve
@@ -50,6 +51,7 @@ def main(args):
     # and how much memory the run will need, are known before the weights are loaded.
     tokenizer = load_tokenizer(args.model)
     added = grow_tokenizer(tokenizer, args.add_tokens)
+    template = chat_template(args, tokenizer, train_examples, val_examples)    # conversations: the model's own
     config = model_config(args.model)
     max_length = context_length(args, config, run.task)
     report = data_report(train_examples, tokenizer, run.task, max_length, args.truncate)
@@ -63,8 +65,9 @@ def main(args):
     # 3. Tokenize: every example keeps its own length, and each batch is padded to its longest one
     # (the chapter pads everything to 512, which spends most of the compute on padding).
     labels = model.config.labels if run.task == "classify" else None       # the head's order of the labels
-    train_ids, train_labels, too_long = tokenize(train_examples, tokenizer, run.task, max_length, labels, args)
-    val_ids, val_labels, _ = tokenize(val_examples, tokenizer, run.task, max_length, labels, args)
+    train_ids, train_labels, too_long = tokenize(train_examples, tokenizer, run.task, max_length, labels, args,
+                                                 template)
+    val_ids, val_labels, _ = tokenize(val_examples, tokenizer, run.task, max_length, labels, args, template)
     check_something_to_learn(run.task, train_ids, val_ids, run.world)
     run.print(describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, run.task))
     if args.show_batch or args.dry_run:           # the first batch as the model sees it; nothing trained or written
@@ -136,11 +139,19 @@ def adapt(args, run, model, tokenizer, added, train_examples):
     return quantization
 
 
-def tokenize(examples, tokenizer, task, max_length, labels, args):
+def tokenize(examples, tokenizer, task, max_length, labels, args, template=None):
     """Token ids per example and their labels: for a language model the ids themselves (the loss
-    shifts them: position t predicts token t + 1), -100 where a token only gives context; for a
-    classifier the label's id. Also how many texts were longer than `max_length`: never dropped
-    silently (LM texts are cut into windows, classification texts truncated)."""
+    shifts them: position t predicts token t + 1), -100 where a token is not scored (context only,
+    or a conversation's questions); for a classifier the label's id. Also how many texts were longer
+    than `max_length`: never dropped silently (LM texts are cut into windows, classification texts
+    and conversations truncated)."""
+    if examples and "messages" in examples[0]:       # conversations, through the model's chat template
+        pairs = [template.tokenize(e["messages"], args.train_on) for e in examples]
+        too_long = sum(len(ids) > max_length for ids, _ in pairs)
+        sequences, targets = [ids[:max_length] for ids, _ in pairs], [lab[:max_length] for _, lab in pairs]
+        if args.pack:                                # whole conversations side by side, none seeing another
+            return (*pack_examples(sequences, targets, max_length), too_long)
+        return sequences, targets, too_long
     ids = tokenizer.encode_batch([e["text"] for e in examples])
     if task == "lm":
         if args.pack:
@@ -152,6 +163,29 @@ def tokenize(examples, tokenizer, task, max_length, labels, args):
     too_long = sum(len(s) > max_length for s in ids)
     sequences = [truncate(s, max_length, args.truncate) for s in ids]
     return sequences, [labels.index(e["label"]) for e in examples], too_long
+
+
+def chat_template(args, tokenizer, train_examples, val_examples):
+    """Conversations become text through the model's own chat template (the one it was fine-tuned
+    with: the markers it knows), or --chat-template's; each conversation's rendering is its text in
+    the data report. None for plain text."""
+    chats = [bool(examples) and "messages" in examples[0] for examples in (train_examples, val_examples)]
+    if not chats[0]:
+        if args.chat_template or args.train_on != "answers":
+            raise NanotuneError("--chat-template and --train-on apply to conversations (.jsonl with messages, or"
+                                " prompt and completion), and this data is plain text: leave them out")
+        return None
+    if val_examples and not chats[1]:
+        raise NanotuneError("the training data are conversations and the validation data are not: give"
+                            " --val-data in the same format")
+    tokenizer.chat_template = read_template(None, args.chat_template) if args.chat_template else tokenizer.chat_template
+    if tokenizer.chat_template is None:
+        raise NanotuneError(f"{args.model} has no chat template to write conversations with: give one with"
+                            " --chat-template FILE, or --chat-template chatml")
+    template = ChatTemplate(tokenizer.chat_template, tokenizer)
+    for example in train_examples + val_examples:
+        example["text"] = template.render(example["messages"])
+    return template
 
 
 def describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, task):
@@ -172,9 +206,10 @@ def check_inputs(args):
     train_examples, val_examples, label_names = load_data(args, task)
     tokenizer = load_tokenizer(args.model)
     grow_tokenizer(tokenizer, args.add_tokens)
+    template = chat_template(args, tokenizer, train_examples, val_examples)
     max_length = context_length(args, model_config(args.model), task)
-    train_ids = tokenize(train_examples, tokenizer, task, max_length, label_names, args)[0]
-    val_ids = tokenize(val_examples, tokenizer, task, max_length, label_names, args)[0]
+    train_ids = tokenize(train_examples, tokenizer, task, max_length, label_names, args, template)[0]
+    val_ids = tokenize(val_examples, tokenizer, task, max_length, label_names, args, template)[0]
     check_something_to_learn(task, train_ids, val_ids, 1)
     return start_mode
 
@@ -266,9 +301,10 @@ def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0):
     (classification): the logits, then the loss over them (nanotune/losses.py)."""
     if task == "lm" and tricks.enabled("chunked_loss") and tricks.chunks_the_loss(model):
         return tricks.chunked_lm_loss_sum(model, batch)                # the same sum, never all the logits at once
-    logits = model(batch["input_ids"], batch["attention_mask"])         # (B, T, vocab) or (B, labels)
     if task == "lm":
+        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))   # (B, T, vocab)
         return causal_lm_loss_sum(logits, batch["labels"])[0]
+    logits = model(batch["input_ids"], batch["attention_mask"])                                  # (B, labels)
     return classification_loss(logits, batch["labels"], class_weights, label_smoothing) * batch["labels"].numel()
 
 

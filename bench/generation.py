@@ -1,9 +1,9 @@
 """Generation speed: nanotune's KV-cached decoding vs `transformers` generate, side by side.
 
-    python bench/generation.py [--quick]
+    python bench/generation.py [--quick] [--model gpt2|smollm2]
 
 New tokens per second for batch 1 and batch 8, greedy and sampling, on a GPT-2 124M-architecture
-checkpoint; fp32 for both, and nanotune's bf16 against the reference's fp32 where the CPU has bf16
+checkpoint or the real SmolLM2-135M (a Llama with grouped-query attention); fp32 for both, and nanotune's bf16 against the reference's fp32 where the CPU has bf16
 arithmetic (elsewhere bf16 is emulated, far slower than fp32, and left out). Then nanotune's 8-bit
 and 4-bit (bitsandbytes) models at batch 1, greedy, against nanotune's fp32, with the
 quantized_decoding trick on and off. The contenders take turns, and each one's best of the rounds
@@ -12,26 +12,33 @@ counts. Each table carries the matmul peak measured in its run.
 import argparse
 
 import torch
-from common import checkpoint, native_bf16, peaks_note, report, timed
+from common import checkpoint, memory_bandwidth, native_bf16, peaks_note, report, smollm2, timed
 
-from nanotune import GPT2, tricks
+from nanotune import tricks
 from nanotune.generation import generate
+from nanotune.models import load_model
 from nanotune.quantize import QuantConfig
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny model, 32 new tokens")
+    p.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2")
     args = p.parse_args()
     size, new_tokens, repeat = ("tiny", 32, 1) if args.quick else ("124M", 128, 3)
-    folder = checkpoint(size)
-    from transformers import GPT2LMHeadModel
-    ref = GPT2LMHeadModel.from_pretrained(folder).eval()
-    ours = {"fp32": GPT2.from_pretrained(folder)} | ({"bf16": GPT2.from_pretrained(folder, dtype=torch.bfloat16)} if native_bf16() else {})
+    folder = smollm2() if args.model == "smollm2" else checkpoint(size)
+    name = "SmolLM2-135M" if args.model == "smollm2" else f"GPT-2 {size}"
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours = {"fp32": load_model(folder)} | ({"bf16": load_model(folder, dtype=torch.bfloat16)} if native_bf16() else {})
     eos = ref.config.eos_token_id
+    vocab = ref.config.vocab_size
+    # Decoding one sequence reads every weight once a token: the memory's speed bounds it.
+    weight_bytes = 4 * sum(p.numel() for p in ours["fp32"].parameters())
+    limit = memory_bandwidth() / weight_bytes                 # tokens/s if reading the weights were all a step did
     rows = []
     for batch in (1, 8):
-        prompts = torch.randint(0, 50000, (batch, 16), generator=torch.Generator().manual_seed(batch))
+        prompts = torch.randint(0, vocab, (batch, 16), generator=torch.Generator().manual_seed(batch))
         for mode, sampling in (("greedy", {}), ("sampling", dict(do_sample=True, top_k=50, temperature=0.8))):
             def reference():
                 with torch.inference_mode():   # min_new_tokens: every row runs the full length, as ours does
@@ -48,19 +55,22 @@ def main():
                     best[name] = min(best[name], timed(run))
             tps = {name: batch * new_tokens / t for name, t in best.items()}
             for dtype in ours:
+                share = f"{tps[dtype] / limit:.0%}" if batch == 1 and dtype == "fp32" else ""
                 rows.append([batch, mode, f"nanotune {dtype} vs reference fp32", tps["reference"], tps[dtype],
-                             f"{tps[dtype] / tps['reference']:.2f}x"])
+                             f"{tps[dtype] / tps['reference']:.2f}x", share])
                 print(rows[-1], flush=True)
-    report(f"Generation, GPT-2 {size}, {new_tokens} new tokens (new tokens/s); {peaks_note()}",
-           ["batch", "decoding", "comparison", "reference tok/s", "nanotune tok/s", "ratio"], rows)
-    quantized(folder, ours["fp32"], new_tokens, repeat)
+    report(f"Generation, {name}, {new_tokens} new tokens (new tokens/s); {peaks_note()}; memory read at"
+           f" {memory_bandwidth() / 1e9:.1f} GB/s, so one fp32 sequence is bound at {limit:.1f} tokens/s",
+           ["batch", "decoding", "comparison", "reference tok/s", "nanotune tok/s", "ratio", "share of the memory bound"],
+           rows)
+    quantized(folder, ours["fp32"], new_tokens, repeat, vocab)
 
 
-def quantized(folder, fp32_model, new_tokens, repeat):
+def quantized(folder, fp32_model, new_tokens, repeat, vocab):
     """Batch 1, greedy: the quantized models against the fp32 one, quantized_decoding on and off."""
-    models = {"8-bit": GPT2.from_pretrained(folder, quantize=QuantConfig("8bit")),
-              "4-bit": GPT2.from_pretrained(folder, quantize=QuantConfig("4bit", cpu_inference_kernel=True))}  # as generate.py loads them
-    prompts = torch.randint(0, 50000, (1, 16), generator=torch.Generator().manual_seed(1)).tolist()
+    models = {"8-bit": load_model(folder, quantize=QuantConfig("8bit")),           # as generate.py loads them
+              "4-bit": load_model(folder, quantize=QuantConfig("4bit", cpu_inference_kernel=True))}
+    prompts = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(1)).tolist()
 
     def run(model, off=()):
         def go():

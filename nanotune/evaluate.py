@@ -20,7 +20,10 @@ def evaluate(model, task, sequences, labels, batch_size, pad_id, device, num_lab
     for indices in batch_order(len(sequences), batch_size, 0, 0, shuffle=False):
         batch = make_batch(task, sequences, labels, indices, pad_id, device)
         with autocast():
-            logits = model(batch["input_ids"], batch["attention_mask"])
+            if task == "lm":
+                logits = model(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+            else:
+                logits = model(batch["input_ids"], batch["attention_mask"])
         if task == "lm":
             s, n = causal_lm_loss_sum(logits, batch["labels"])
         else:

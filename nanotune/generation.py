@@ -53,11 +53,13 @@ def next_tokens(logits, temperature, top_k, top_p, generator):
 
 
 def record(tokens, new, finished, eos_id, on_token):
-    """Append each unfinished row's new token; a row finishes at EOS or when on_token says so."""
+    """Append each unfinished row's new token; a row finishes at EOS (`eos_id`: one id, or several:
+    a chat model also stops at its end-of-turn token) or when on_token says so."""
+    stops = set(eos_id) if isinstance(eos_id, (set, frozenset, list, tuple)) else {eos_id}
     for i, t in enumerate(tokens.tolist()):
         if finished[i]:
             continue
-        if t == eos_id:
+        if t in stops:
             finished[i] = True
             continue
         new[i].append(t)

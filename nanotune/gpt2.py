@@ -133,14 +133,17 @@ class Block(nn.Module):
 def attention_mask_for(attention_mask, T, past, device):
     """The attention mask, (B, 1, T, past + T): True where a query may look.
 
-    `attention_mask` (B, past + T) is 1 for real tokens and 0 for padding. Every position may
-    also look at itself, so a padding row is never all False (that would give NaN, and NaN
-    leaks into real positions through the values)."""
+    `attention_mask` (B, past + T) is 1 for real tokens and 0 for padding; for examples packed side
+    by side it numbers them instead (1, 1, 1, 2, 2, ..., 0 for padding), and a query may look only
+    within its own example. Every position may also look at itself, so a padding row is never all
+    False (that would give NaN, and NaN leaks into real positions through the values)."""
     q_pos = torch.arange(past, past + T, device=device)[:, None]      # (T, 1)
     k_pos = torch.arange(past + T, device=device)[None, :]            # (1, past + T)
     mask = k_pos <= q_pos                                             # causal: the past and itself
     if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, None, :]         # (B, 1, T, past + T)
+        keys = attention_mask[:, None, None, :]                       # (B, 1, 1, past + T)
+        queries = attention_mask[:, None, past:, None]                # (B, 1, T, 1)
+        mask = mask & (keys != 0) & (keys == queries)                 # real keys of the query's own example
         mask = mask | (k_pos == q_pos)
     return mask if mask.dim() == 4 else mask[None, None]
 

@@ -23,7 +23,7 @@ from .errors import NanotuneError
 WANTED_FILES = [
     "config.json", "*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "vocab.json", "merges.txt", "vocab.txt", "adapter_config.json",
+    "vocab.json", "merges.txt", "vocab.txt", "adapter_config.json", "chat_template.jinja",
 ]
 
 

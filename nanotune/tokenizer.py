@@ -15,11 +15,13 @@ from . import files, hub
 from .errors import NanotuneError
 
 EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json")   # copied along on save
+TEMPLATE_FILE = "chat_template.jinja"                                # the chat template, where there is one
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer, specials: dict, folder: Path | None = None):
+    def __init__(self, tokenizer: HFTokenizer, specials: dict, folder: Path | None = None, chat_template=None):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template     # the Jinja source that writes a conversation out (chat.py)
         self.tokenizer.no_padding()       # a tokenizer.json may carry its own settings; we pad and
         self.tokenizer.no_truncation()    # truncate explicitly, per call
         self.folder = folder
@@ -43,6 +45,10 @@ class Tokenizer:
     def encode_batch(self, texts, add_special_tokens=True) -> list:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
+    def special_ids(self) -> set:
+        """The ids of the special tokens (`<|im_end|>`, `[CLS]`, ...): added tokens marked special."""
+        return {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
+
     def decode(self, ids, skip_special_tokens=True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -65,6 +71,9 @@ class Tokenizer:
         for name in EXTRA_FILES:
             if self.folder is not None and (self.folder / name).is_file() and self.folder.resolve() != folder.resolve():
                 files.copy_file(self.folder / name, folder / name)
+        if self.chat_template:
+            files.atomic_write(folder / TEMPLATE_FILE,
+                               lambda tmp: Path(tmp).write_text(self.chat_template, encoding="utf-8"))
 
 
 def pad(sequences, pad_id, side="right"):
@@ -139,4 +148,5 @@ def load_tokenizer(name_or_path) -> Tokenizer:
                             " them") from None
     if tk.get_vocab_size() == 0:
         raise NanotuneError(f"the tokenizer in {folder} has an empty vocabulary: restore or re-download its files")
-    return Tokenizer(tk, specials, folder)
+    from .chat import read_template
+    return Tokenizer(tk, specials, folder, read_template(folder))

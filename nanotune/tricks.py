@@ -274,7 +274,7 @@ def chunked_lm_loss_sum(model, batch):
     """train.loss_sum for a language model: the model's hidden states, then the output layer and
     the loss together, a chunk of positions at a time (output_layer_lm_loss_sum)."""
     inner = getattr(model, "module", model)
-    hidden = model(batch["input_ids"], batch["attention_mask"], output_layer=False)         # (B, T, C)
+    hidden = model(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), output_layer=False)
     return output_layer_lm_loss_sum(hidden, inner.lm_head.weight, batch["labels"])[0]
 
 

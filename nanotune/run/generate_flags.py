@@ -21,6 +21,16 @@ def parser():
     g = p.add_argument_group("input")
     g.add_argument("--prompt", action="append", help="text to continue or classify; repeat for a batch")
     g.add_argument("--prompt-file", type=text("a file"), help="a file with one prompt per line")
+    g = p.add_argument_group("chat: a model with a chat template")
+    g.add_argument("--chat", action="store_true",
+                   help="a conversation in the terminal: each message and the model's answers so far go through the"
+                        " model's chat template")
+    g.add_argument("--system", type=text("a system message"), help="--chat and --prompt: the system message that"
+                   " opens the conversation")
+    g.add_argument("--raw", action="store_true",
+                   help="--prompt goes to the model as it is, not wrapped in the chat template as a user's message")
+    g.add_argument("--chat-template", metavar="FILE", type=text("a template file or a built-in name"),
+                   help="write conversations with this Jinja template (a file, or chatml) instead of the model's own")
     g = p.add_argument_group("sampling (chapter 2: temperature 0.7, sampling)")
     g.add_argument("--max-new-tokens", type=whole_number(1), default=100)
     g.add_argument("--temperature", type=number(0), default=0.7,

@@ -19,6 +19,7 @@ from ..files import atomic_write, cannot_write, write_json
 
 LOCK = ".nanotune.lock"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja",
                "adapter_config.json", "adapter_model.safetensors"}
 RUN_FILES = {"args.json", "metrics.jsonl", "loss.png", "training.png", "quantization.json", "search.json", "search.png",
              "lr_find.json", "lr_find.png"}

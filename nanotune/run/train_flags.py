@@ -52,7 +52,8 @@ def parser():
                    help="tokens per example (default: the model's context); longer LM texts are cut into windows,"
                         " longer classification texts truncated")
     g.add_argument("--pack", action="store_true",
-                   help="LM: concatenate texts (EOS between) into full --max-length blocks, no padding")
+                   help="LM: concatenate texts (EOS between) into full --max-length blocks, no padding;"
+                        " conversations: whole ones side by side in blocks, none attending to another")
     g.add_argument("--group-by-length", action="store_true",
                    help="batches of examples of similar length: less padding, batches still in random order")
     g.add_argument("--stride", type=whole_number(1),
@@ -62,6 +63,12 @@ def parser():
     g.add_argument("--truncate", choices=["head", "tail", "head+tail"], default="head",
                    help="classification: what to keep of a text longer than --max-length (head+tail: the first"
                         " quarter and the end)")
+    g.add_argument("--chat-template", metavar="FILE", type=text("a template file or a built-in name"),
+                   help="conversations: render them with this Jinja template (a file, or chatml) instead of the"
+                        " model's own")
+    g.add_argument("--train-on", choices=["answers", "all"], default="answers",
+                   help="conversations: score the assistant's answers only (each with its end-of-turn token), or"
+                        " every token")
     g.add_argument("--data-report", action="store_true",
                    help="print what the tokenizer makes of the data (split words, lengths, labels) and stop")
     g.add_argument("--add-tokens", metavar="TOKENS", type=text("tokens separated by commas, or a file"),

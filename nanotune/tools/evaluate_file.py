@@ -3,16 +3,20 @@ A language model gets loss and perplexity (long texts read in overlapping window
 gets accuracy, per-label scores, the confusion matrix and the examples it got most confidently wrong."""
 import json
 
+from ..chat import ChatTemplate, read_template
 from ..data import read_examples, truncate
 from ..errors import NanotuneError
-from ..evaluate import (classification_report, classify_all, format_classification, lm_perplexity, plot_confusion,
-                        top_losses)
+from ..losses import IGNORE
+from ..evaluate import (classification_report, classify_all, evaluate, format_classification, lm_perplexity,
+                        plot_confusion, top_losses)
 
 
 def evaluate_file(args, model, tokenizer):
     """(results as a dict, the same as text)."""
     if hasattr(model, "lm_head"):
         examples = read_examples(args.eval, args.text_column, args.label_column, with_labels=False)
+        if "messages" in examples[0]:
+            return conversations(args, model, tokenizer, examples)
         r = lm_perplexity(model, [tokenizer.encode(e["text"]) + [tokenizer.eos_id] for e in examples], args.stride)
         context = model.config.context
         windows = (f" ({r['long_texts']} longer than the context of {context}, read in windows {r['stride']}"
@@ -34,6 +38,23 @@ def evaluate_file(args, model, tokenizer):
     if args.plot:
         plot_confusion(r, args.plot)
     return r, format_classification(r, r["top_losses"])
+
+
+def conversations(args, model, tokenizer, examples):
+    """Loss and perplexity on the answers only: the tokens of the assistant's turns (and their
+    end-of-turn tokens), as they were trained; the questions are given, not predicted."""
+    source = read_template(None, args.chat_template) if args.chat_template else tokenizer.chat_template
+    if source is None:
+        raise NanotuneError(f"--eval {args.eval} holds conversations, and the model has no chat template to write them"
+                            " with: give one with --chat-template FILE, or --chat-template chatml")
+    template, context = ChatTemplate(source, tokenizer), model.config.context
+    pairs = [template.tokenize(e["messages"]) for e in examples]
+    ids, labels = [i[:context] for i, _ in pairs], [lab[:context] for _, lab in pairs]
+    device = next(model.parameters()).device
+    r = evaluate(model, "lm", ids, labels, 8, tokenizer.pad_id, device)
+    r |= {"conversations": len(examples), "answer_tokens": sum(t != IGNORE for lab in labels for t in lab[1:])}
+    return r, (f"{r['conversations']} conversations, {r['answer_tokens']:,} answer tokens scored (the questions are"
+               f" not)\nloss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}")
 
 
 def show(args, result, text):

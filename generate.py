@@ -37,13 +37,14 @@ def main(args):
     check_modes(args)
     model, tokenizer, base = load(args, device)
     is_lm = hasattr(model, "lm_head")
+    template = conversation_template(args, tokenizer) if is_lm else None   # a chat model's way to write turns
     if args.export_onnx:                                   # an ONNX file, checked with onnxruntime
         return export.run(model, args.export_onnx)
     if args.export_gguf:                                   # a GGUF file for llama.cpp, read back to check it
         return export.run_gguf(model, tokenizer, args.export_gguf, args.gguf_type)
     if args.serve:                                         # an OpenAI-style HTTP server
         return serve.serve(model, tokenizer, args.model or "out", args.host, args.port,
-                           args.api_key or os.environ.get("NANOTUNE_API_KEY"), args.max_batch)
+                           args.api_key or os.environ.get("NANOTUNE_API_KEY"), args.max_batch, template)
     if args.eval:                                          # scores on a file; --compare: beside full precision
         scores = quantization_error.compare if args.compare else lambda a, m, t, *_: evaluate_file(a, m, t)
         return show(args, *scores(args, model, tokenizer, base, device))
@@ -51,7 +52,6 @@ def main(args):
         return show(args, *explain.explain_classifier(args, model, tokenizer, prompts))
     if not is_lm:
         return classify(model, tokenizer, prompts, device)
-    template = conversation_template(args, tokenizer)    # a chat model's prompts go through its chat template
     if args.chat:                                        # a conversation in the terminal
         return chat(args, model, tokenizer, template, device)
 
@@ -151,6 +151,8 @@ def check_modes(args):
     """Mode flags that need each other, checked before the model is loaded."""
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise NanotuneError("--plot draws with matplotlib, which is not installed: pip install matplotlib")
+    if args.serve:
+        serve.check_installed()
     if args.compare and not (args.quantize and args.eval):
         raise NanotuneError("--compare sets a quantized model beside the full-precision one: use it with"
                             " --quantize and --eval")

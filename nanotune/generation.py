@@ -84,6 +84,10 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def advance(self, positions):
+        """The model's forward has filled `positions` more (every layer): the next starts after them."""
+        self.length += positions
+
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, pad_id, eos_id=None, temperature=1.0, top_k=None, top_p=None,

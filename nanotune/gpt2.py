@@ -137,6 +137,8 @@ def attention_mask_for(attention_mask, T, past, device):
     by side it numbers them instead (1, 1, 1, 2, 2, ..., 0 for padding), and a query may look only
     within its own example. Every position may also look at itself, so a padding row is never all
     False (that would give NaN, and NaN leaks into real positions through the values)."""
+    if attention_mask is not None and attention_mask.dim() == 4:      # made whole already (the serving engine's)
+        return attention_mask
     q_pos = torch.arange(past, past + T, device=device)[:, None]      # (T, 1)
     k_pos = torch.arange(past + T, device=device)[None, :]            # (1, past + T)
     mask = k_pos <= q_pos                                             # causal: the past and itself
@@ -184,7 +186,7 @@ class GPT2(nn.Module):
             else:
                 x = block(x, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.transformer.ln_f(x)
 
     def cache_layout(self):

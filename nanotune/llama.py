@@ -265,14 +265,14 @@ class Llama(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.model.norm(x)
 
     def attention_mask(self, attention_mask, T, past, device):
         """GPT-2's mask (causal, padding masked; None: causal only), and with a sliding window
         (Mistral), no key more than `window` positions back either."""
         window = self.config.window
-        if window is None or past + T <= window:
+        if window is None or past + T <= window or (attention_mask is not None and attention_mask.dim() == 4):
             return None if attention_mask is None else gpt2.attention_mask_for(attention_mask, T, past, device)
         mask = gpt2.attention_mask_for(attention_mask, T, past, device) if attention_mask is not None else (
             gpt2.attention_mask_for(torch.ones(1, past + T, dtype=torch.long, device=device), T, past, device))

@@ -160,11 +160,11 @@ def post_head(extra):
 
 def test_adversarial_http_gets_one_clear_answer(lm_server):
     port, _ = lm_server
-    # a chunked body: one 411, and the unread body is never taken for a second request
+    # a chunked body is read as one (not its tail taken for a second request)
     body = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
     chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
-    statuses, _ = exchange(port, post_head(b"Transfer-Encoding: chunked\r\n") + chunked, timeout=10)
-    assert statuses == ["HTTP/1.1 411 Length Required"], statuses
+    statuses, _ = exchange(port, post_head(b"Transfer-Encoding: chunked\r\nConnection: close\r\n") + chunked, timeout=10)
+    assert statuses == ["HTTP/1.1 200 OK"], statuses
     # a negative Content-Length does not lift the size limit: refused before any of the body is read
     statuses, _ = exchange(port, post_head(b"Content-Length: -1\r\n") + b'{"prompt": "' + b"a" * 4096, timeout=10)
     assert statuses == ["HTTP/1.1 400 Bad Request"], statuses
@@ -252,3 +252,102 @@ def test_export_onnx_gpt2_and_a_classifier(tmp_path, tiny_gpt2, tiny_bert):
     assert r.returncode == 0 and "differ from nanotune's by at most" in r.stdout, r.stderr
     again = run_cli("generate.py", "--model", tmp_path / "clf", "--export-onnx", tmp_path / "clf.onnx")
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+# ---- the engine: continuous batching -----------------------------------------------------------------
+
+def run_engine(engine, requests, on_event=None):
+    """Submit (prompts, settings) requests together; wait for all; return each one's sequences."""
+    from nanotune.tools.engine import Request
+    done, lock = threading.Event(), threading.Lock()
+    left = [sum(len(p) * s["n"] for p, s in requests)]
+
+    def emit(kind, seq):
+        if on_event is not None:
+            on_event(kind, seq)
+        if kind == "done":
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+    work = [Request(p, s, emit) for p, s in requests]
+    for w in work:
+        engine.submit(w)
+    assert done.wait(120)
+    return [[s.tokens for s in w.sequences] for w in work]
+
+
+def settings(**kw):
+    return {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "n": 1, "stop": [], "seed": None, "logprobs": None} | kw
+
+
+def test_different_settings_decode_together_and_each_gets_what_it_would_alone(tiny_gpt2):
+    from nanotune.tools.engine import Engine
+    model, tok = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)
+    greedy = ([tok.encode("My dog"), tok.encode("Why")], settings())
+    seeded = ([tok.encode("Once upon a time")], settings(temperature=0.9, top_p=0.9, seed=7, n=2, max_tokens=20))
+    engine = Engine(model, tok, 8, {tok.eos_id})
+    together = run_engine(engine, [greedy, seeded])
+    alone = [run_engine(engine, [greedy])[0], run_engine(engine, [seeded])[0]]
+    engine.stop()
+    assert together == alone
+    assert together[0] == [generate(model, [p], 12, tok.pad_id, tok.eos_id, temperature=0)[0] for p in greedy[0]]
+    assert together[1][0] != together[1][1]                          # n=2 with one seed: two different draws
+
+
+def test_a_request_that_arrives_mid_batch_starts_before_the_batch_ends(tiny_gpt2):
+    from nanotune.tools.engine import Engine, Request
+    model, tok = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)
+    events, started = [], threading.Event()
+
+    def note(name):
+        def emit(kind, seq):
+            events.append((name, kind))
+            if name == "long" and len(seq.tokens) == 5:
+                started.set()
+        return emit
+    for continuous in (True, False):
+        events.clear(), started.clear()
+        engine = Engine(model, tok, 4, set(), continuous=continuous)      # no stop token: every sequence runs its length
+        engine.submit(Request([tok.encode("A long story")], settings(max_tokens=50), note("long")))
+        assert started.wait(60)
+        engine.submit(Request([tok.encode("A short one")], settings(max_tokens=3), note("short")))
+        engine.stop()                                                   # finishes both first
+        first_short, long_done = events.index(("short", "token")), events.index(("long", "done"))
+        assert (first_short < long_done) == continuous, (continuous, events)
+
+
+def test_a_cancelled_request_frees_its_place(tiny_gpt2):
+    from nanotune.tools.engine import Engine, Request
+    model, tok = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)
+    engine = Engine(model, tok, 1, set())
+    gone = Request([tok.encode("A long story")], settings(max_tokens=60), lambda kind, seq: None)
+    engine.submit(gone)
+    gone.cancelled = True                                               # the client went away
+    answered = run_engine(engine, [([tok.encode("Next")], settings(max_tokens=4))])
+    engine.stop()
+    assert len(answered[0][0]) == 4 and gone.sequences[0].finish_reason == "cancelled"
+    assert len(gone.sequences[0].tokens) < 60
+
+
+def test_health_and_chat_completions_as_the_openai_client_sees_them(tmp_path, tiny_llama):
+    from openai import OpenAI
+    import shutil as sh
+    folder = tmp_path / "chat"
+    sh.copytree(tiny_llama, folder)
+    proc, port = start_server(folder, "--chat-template", "chatml")
+    try:
+        assert request(port, "GET", "/health", key=None) == (200, {"status": "ok"})
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a joke about cats."}]
+        r = client.chat.completions.create(model=str(folder), messages=messages, max_tokens=12, temperature=0)
+        assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=str(folder), messages=messages, max_tokens=12, temperature=0, stream=True))
+        assert streamed == r.choices[0].message.content
+        cli = run_cli("generate.py", "--model", folder, "--chat-template", "chatml", "--system", "Be brief.",
+                      "--prompt", "Tell me a joke about cats.", "--temperature", 0, "--max-new-tokens", 12)
+        assert cli.returncode == 0 and cli.stdout.strip() == r.choices[0].message.content.strip(), cli.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)

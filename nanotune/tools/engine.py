@@ -1,0 +1,217 @@
+"""Continuous batching: the serving engine that decodes many requests' sequences together, and lets
+new ones in at every step instead of when a whole batch is done.
+
+    running: the sequences being decoded, at most --max-batch; each owns a slot of the key/value cache
+    waiting: the sequences of requests that arrived, in order
+
+Every step: the sequences that finished (an end-of-text or end-of-turn token, a stop string, their
+length, a client that went away) leave and free their slots; waiting sequences take the free slots
+(each one's prompt run through the model alone, its keys and values copied into its slot, its first
+token drawn); then one forward pass decodes the next token of every running sequence. A request
+that arrives while others are decoding waits one step, not until they are all done: that is what
+the batch-to-the-end server got wrong (vLLM's and TGI's idea, in plain code).
+
+The key/value cache is one tensor per layer, (slots, key/value heads, positions, head size), grown
+when a longer sequence arrives; each slot's sequence has its own length, and a mask keeps every row
+to its own positions. Paging (vLLM) would cut the cache into fixed blocks handed out as sequences
+grow, so that memory follows the tokens actually held rather than each slot's longest sequence, and
+would let sequences share the blocks of a common prefix; at one machine's scale, a tensor suffices.
+"""
+import collections
+import threading
+
+import torch
+
+from .. import tricks
+from ..generation import next_tokens
+
+
+class Sequence:
+    """One choice being decoded: its prompt, its settings, the tokens so far and why it ended."""
+
+    def __init__(self, request, index, prompt, generator):
+        self.request, self.index, self.prompt, self.generator = request, index, prompt, generator
+        self.tokens, self.text, self.finish_reason, self.logprobs = [], "", None, []
+
+
+class Request:
+    """A request's sequences (n for each prompt) and its settings. `emit(kind, sequence)` is called
+    from the engine's thread: ("token", s) after each new token, ("done", s) when s has ended."""
+
+    def __init__(self, prompts, settings, emit):
+        self.settings, self.emit, self.cancelled = settings, emit, False
+        seed, n = settings.get("seed"), settings["n"]
+        self.sequences = []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                generator = torch.Generator()
+                if seed is not None:       # each choice its own stream, so its tokens do not depend on who else runs
+                    generator.manual_seed(seed * 1_000_003 + i * n + j)
+                else:
+                    generator.seed()
+                self.sequences.append(Sequence(self, i * n + j, prompt, generator))
+
+
+class SlotCache:
+    """The running sequences' keys and values, as the model's attention layers use a cache: each row
+    writes its new position at its own length, and reads its slot's positions up to the longest."""
+
+    def __init__(self, engine, rows):
+        self.engine, self.rows = engine, rows
+        self.length = max(engine.lengths[:rows])          # the longest sequence's past: S - 1 keys before the new one
+
+    def update(self, layer, k, v):                       # k, v: (B, nkv, 1, hs)
+        e, rows = self.engine, torch.arange(self.rows)
+        at = torch.tensor(e.lengths[:self.rows])
+        e.k[layer, rows, :, at] = k[:, :, 0]
+        e.v[layer, rows, :, at] = v[:, :, 0]
+        return e.k[layer, :self.rows, :, :self.length + 1], e.v[layer, :self.rows, :, :self.length + 1]
+
+    def advance(self, positions):
+        pass                                               # the engine moves each row's length itself
+
+
+class Engine:
+    """continuous=False admits newcomers only when every running sequence has ended: the batch runs
+    to its end, as servers without continuous batching do (bench/serve.py compares the two)."""
+
+    def __init__(self, model, tokenizer, max_batch, stops, continuous=True):
+        self.model, self.tokenizer, self.max_batch, self.stops = model, tokenizer, max_batch, set(stops)
+        self.continuous = continuous
+        self.layers, self.heads, self.head_size = model.cache_layout()
+        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.running, self.lengths, self.pending = [], [], []   # slot i: its sequence, its length, its next input
+        self.waiting = collections.deque()
+        self.k = self.v = torch.empty(self.layers, 0, self.heads, 0, self.head_size)
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.loop, name="nanotune-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, request):
+        with self.wake:
+            self.waiting.extend(request.sequences)
+            self.wake.notify()
+
+    def stop(self):
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def loop(self):
+        with torch.inference_mode(), tricks.packed_linears(self.model, self.max_batch):
+            while True:
+                with self.wake:
+                    while not (self.running or self.waiting or self.stopping):
+                        self.wake.wait()
+                    if self.stopping and not (self.running or self.waiting):
+                        return
+                    free = self.max_batch - len(self.running) if self.continuous or not self.running else 0
+                    newcomers = [self.waiting.popleft() for _ in range(min(len(self.waiting), free))]
+                try:
+                    for s in newcomers:
+                        self.admit(s)                    # prefill, then join the running batch
+                    self.retire()                        # (a first token can end a sequence)
+                    if self.running:
+                        self.step()                      # one token for every running sequence
+                    self.retire()
+                except Exception as e:                   # a bug must not take the server down for everyone else
+                    for s in self.running + newcomers:
+                        s.finish_reason = s.finish_reason or "error"
+                        s.request.emit("error", f"{type(e).__name__}: {e}")
+                    self.running, self.lengths, self.pending = [], [], []
+
+    def admit(self, s):
+        """Run the prompt alone, keep its keys and values in a free slot, draw the first token."""
+        from ..generation import KVCache
+        ids = torch.tensor([s.prompt], device=self.device)
+        cache = KVCache(self.layers, self.heads, self.head_size, 1, len(s.prompt), self.device, self.dtype)
+        hidden = self.model.hidden_states(ids, None, None, cache)
+        slot = len(self.running)
+        self.reserve(slot + 1, len(s.prompt) + s.request.settings["max_tokens"])
+        self.k[:, slot, :, :len(s.prompt)] = cache.k[:, 0]
+        self.v[:, slot, :, :len(s.prompt)] = cache.v[:, 0]
+        self.running.append(s)
+        self.lengths.append(len(s.prompt))
+        self.pending.append(None)
+        self.choose(slot, self.model.lm_head(hidden[:, -1]).float()[0])
+
+    def reserve(self, slots, positions):
+        """Grow the cache to hold `slots` sequences of `positions` each (doubling, so growing is rare)."""
+        have_slots, have_positions = self.k.shape[1], self.k.shape[3]
+        if slots <= have_slots and positions <= have_positions:
+            return
+        slots, positions = max(slots, 2 * have_slots), max(positions, 2 * have_positions)
+        shape = (self.layers, slots, self.heads, positions, self.head_size)
+        k, v = (torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2))
+        k[:, :have_slots, :, :have_positions], v[:, :have_slots, :, :have_positions] = self.k, self.v
+        self.k, self.v = k, v
+
+    def step(self):
+        """One forward pass for every running sequence: its pending token at its own position, looking
+        at its own keys only (the mask), then a choice of the next token for each."""
+        B = len(self.running)
+        cache = SlotCache(self, B)
+        S = cache.length + 1
+        lengths = torch.tensor(self.lengths, device=self.device)
+        keys = torch.arange(S, device=self.device)[None, :]
+        mask = keys <= lengths[:, None]                                            # (B, S): its past and itself
+        window = getattr(self.model.config, "window", None)
+        if window is not None:
+            mask &= keys > lengths[:, None] - window
+        tokens = torch.tensor(self.pending, device=self.device)[:, None]           # (B, 1)
+        hidden = self.model.hidden_states(tokens, mask[:, None, None, :], lengths[:, None], cache)
+        logits = self.model.lm_head(hidden[:, -1]).float()                         # (B, V)
+        for slot in range(B):
+            self.lengths[slot] += 1
+            self.choose(slot, logits[slot])
+
+    def choose(self, slot, logits):
+        """The slot's next token, by its own settings; its text, and whether it has ended."""
+        s = self.running[slot]
+        if s.finish_reason is not None:
+            return
+        settings = s.request.settings
+        token = int(next_tokens(logits[None], settings["temperature"], None, settings["top_p"], s.generator)[0])
+        if settings.get("logprobs") is not None:        # the chosen token's log-probability, and the k likeliest
+            lp = logits.log_softmax(-1)
+            top = lp.topk(settings["logprobs"]) if settings["logprobs"] else None
+            s.logprobs.append((token, float(lp[token]), [] if top is None else list(zip(top.indices.tolist(),
+                                                                                          top.values.tolist()))))
+        if token in self.stops:
+            s.finish_reason = "stop"
+            return
+        s.tokens.append(token)
+        self.pending[slot] = token
+        text = self.tokenizer.decode(s.tokens)
+        cut = min((text.find(x) for x in settings["stop"] if x in text), default=-1)
+        s.text = text if cut < 0 else text[:cut]
+        if cut >= 0:
+            s.finish_reason = "stop"
+        elif len(s.tokens) >= settings["max_tokens"]:
+            s.finish_reason = "length"
+        if s.request.cancelled:
+            s.finish_reason = "cancelled"
+        s.request.emit("token", s)
+
+    def retire(self):
+        """Finished sequences leave: the last running sequence moves into each freed slot, so that
+        the running ones always fill slots 0..B-1."""
+        slot = 0
+        while slot < len(self.running):
+            s = self.running[slot]
+            if s.request.cancelled and s.finish_reason is None:
+                s.finish_reason = "cancelled"
+            if s.finish_reason is None:
+                slot += 1
+                continue
+            last = len(self.running) - 1
+            if slot != last:
+                n = self.lengths[last]
+                self.k[:, slot, :, :n], self.v[:, slot, :, :n] = self.k[:, last, :, :n], self.v[:, last, :, :n]
+                self.running[slot], self.lengths[slot], self.pending[slot] = (self.running[last], self.lengths[last],
+                                                                              self.pending[last])
+            self.running.pop(), self.lengths.pop(), self.pending.pop()
+            s.request.emit("done", s)

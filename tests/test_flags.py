@@ -21,6 +21,7 @@ TRAIN_BAD = {
     "--stride": ["0", "-1"], "--truncate": ["middle"], "--add-tokens": [""], "--pad-vocab-to-multiple-of": ["0"],
     "--search": [""], "--trials": ["0", "1001"],
     "--lr-decay": ["0", "1.5", "nan"], "--unfreeze": ["sudden"], "--show-batch": ["0", "x"],
+    "--chat-template": [""], "--train-on": ["questions"],
 }
 GENERATE_BAD = {
     "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],
@@ -30,12 +31,12 @@ GENERATE_BAD = {
     "--eval": [""], "--text-column": [""], "--label-column": [""], "--stride": ["0", "-2"], "--top-losses": ["-1"],
     "--plot": [""], "--ig-steps": ["0"], "--ig-baseline": ["random"], "--explain-top": ["0"],
     "--host": [""], "--port": ["-1", "65536"], "--api-key": [""], "--max-batch": ["0", "257"], "--export-onnx": [""],
-    "--export-gguf": [""], "--gguf-type": ["q4_k"],
+    "--export-gguf": [""], "--gguf-type": ["q4_k"], "--chat-template": [""], "--system": [""],
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
 TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--group-by-length", "--data-report", "--dry-run", "--show-groups", "--lr-find", "--lr-find-check", "--bf16", "--fp32", "--grad-checkpointing", "--fsdp", "--double-quant",
                   "--no-double-quant", "--merge", "--resume", "--overwrite"}
-GENERATE_OTHERS = {"-h", "--help", "--prompt", "--compare", "--json", "--explain", "--show-attention", "--serve"}
+GENERATE_OTHERS = {"-h", "--help", "--prompt", "--compare", "--json", "--explain", "--show-attention", "--serve", "--chat", "--raw"}
 
 
 @pytest.mark.parametrize("module, table, others", [(train_flags, TRAIN_BAD, TRAIN_SWITCHES), (generate_flags, GENERATE_BAD, GENERATE_OTHERS)])

@@ -9,7 +9,6 @@ tokenize; make AdamW and its schedule; then `fit` trains in a plain epoch loop (
 optimizer step), evaluates after every epoch and saves. Everything a run needs is read and checked
 before anything is written. `python train.py --help` lists every option (nanotune/run/train_flags.py).
 """
-import importlib.util
 import math
 from pathlib import Path
 
@@ -17,22 +16,20 @@ import torch
 from tqdm import tqdm
 
 from nanotune import NanotuneError, load_tokenizer, tricks
-from nanotune.chat import ChatTemplate, read_template
+from nanotune.chat import render_conversations
 from nanotune.data import (batch_order, check_something_to_learn, lm_sequences, make_batch, mix, pack, pack_examples,
-                           padding_note, read_examples, split, truncate)
+                           read_examples, split, truncate)
 from nanotune.evaluate import evaluate
-from nanotune.files import write_json
 from nanotune.hub import resolve
-from nanotune.lora import add_lora, load_adapter, merge_lora, save_adapter
+from nanotune.lora import add_lora, save_adapter
 from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
 from nanotune.models import check_tokenizer_fits, load_model, model_config
 from nanotune.new_tokens import grow_embedding, grow_tokenizer
 from nanotune.optim import format_groups, freeze, layers_of, lr_at, make_optimizer, unfreeze_gradually
-from nanotune.quantize import footprint_bytes, parameter_count
 from nanotune.run import distributed, memory
-from nanotune.run.checkpoint import StopSignals, save_and_stop, save_state
+from nanotune.run.checkpoint import BackgroundSaver, StopSignals, save_and_stop, save_state
 from nanotune.run.cli import run as run_command
-from nanotune.run.metrics import MetricsLog, RunningLoss, report_training
+from nanotune.run.metrics import MetricsLog, RunningLoss, describe_data, describe_model, report_training
 from nanotune.run.output import take
 from nanotune.run.train_flags import check_flags, context_length, parse_args, parser, start
 from nanotune.tools import batch_view, lr_find, quantization_error, search
@@ -51,7 +48,8 @@ def main(args):
     # and how much memory the run will need, are known before the weights are loaded.
     tokenizer = load_tokenizer(args.model)
     added = grow_tokenizer(tokenizer, args.add_tokens)
-    template = chat_template(args, tokenizer, train_examples, val_examples)    # conversations: the model's own
+    template = render_conversations(train_examples, val_examples, tokenizer, args.model, args.chat_template,
+                                    args.train_on)                # conversations: the model's own template
     config = model_config(args.model)
     max_length = context_length(args, config, run.task)
     report = data_report(train_examples, tokenizer, run.task, max_length, args.truncate)
@@ -165,39 +163,6 @@ def tokenize(examples, tokenizer, task, max_length, labels, args, template=None)
     return sequences, [labels.index(e["label"]) for e in examples], too_long
 
 
-def chat_template(args, tokenizer, train_examples, val_examples):
-    """Conversations become text through the model's own chat template (the one it was fine-tuned
-    with: the markers it knows), or --chat-template's; each conversation's rendering is its text in
-    the data report. None for plain text."""
-    chats = [bool(examples) and "messages" in examples[0] for examples in (train_examples, val_examples)]
-    if not chats[0]:
-        if args.chat_template or args.train_on != "answers":
-            raise NanotuneError("--chat-template and --train-on apply to conversations (.jsonl with messages, or"
-                                " prompt and completion), and this data is plain text: leave them out")
-        return None
-    if val_examples and not chats[1]:
-        raise NanotuneError("the training data are conversations and the validation data are not: give"
-                            " --val-data in the same format")
-    tokenizer.chat_template = read_template(None, args.chat_template) if args.chat_template else tokenizer.chat_template
-    if tokenizer.chat_template is None:
-        raise NanotuneError(f"{args.model} has no chat template to write conversations with: give one with"
-                            " --chat-template FILE, or --chat-template chatml")
-    template = ChatTemplate(tokenizer.chat_template, tokenizer)
-    for example in train_examples + val_examples:
-        example["text"] = template.render(example["messages"])
-    return template
-
-
-def describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, task):
-    cut = "split into windows" if task == "lm" else "truncated"
-    lengths = [len(ids) for ids in train_ids]
-    return (f"data: {len(train_examples)} training and {len(val_examples)} validation examples,"
-            f" {sum(lengths):,} training tokens"
-            + (f", labels {labels}" if labels else "")
-            + (f"; {too_long} examples longer than {max_length} tokens were {cut}" if too_long else "")
-            + "\n" + padding_note(lengths, args.batch_size, args.seed, args.group_by_length, args.pack))
-
-
 def check_inputs(args):
     """A single run's checks, without loading the weights or writing anything: the flags, the data,
     the model's config and tokenizer, what tokenizing leaves, and --out against every input.
@@ -206,7 +171,8 @@ def check_inputs(args):
     train_examples, val_examples, label_names = load_data(args, task)
     tokenizer = load_tokenizer(args.model)
     grow_tokenizer(tokenizer, args.add_tokens)
-    template = chat_template(args, tokenizer, train_examples, val_examples)
+    template = render_conversations(train_examples, val_examples, tokenizer, args.model, args.chat_template,
+                                    args.train_on)
     max_length = context_length(args, model_config(args.model), task)
     train_ids = tokenize(train_examples, tokenizer, task, max_length, label_names, args, template)[0]
     val_ids = tokenize(val_examples, tokenizer, task, max_length, label_names, args, template)[0]
@@ -235,6 +201,8 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     log = MetricsLog(out, enabled=run.main_process)
     may_train = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # for gradual unfreezing
     stop = StopSignals()                                     # Ctrl-C / SIGTERM: finish the step, save, stop
+    write_model = lambda weights: save_model(model, tokenizer, out, run.lora, args, run.main_process, weights)
+    saver = BackgroundSaver(out, model, optimizer, write_model)        # (step 7, in one process)
     model.train()                                            # dropout on
     step = progress["step"]
     for epoch in range(progress["epoch"], args.epochs):
@@ -267,6 +235,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
                 report_training(running, bar, log, epoch, step, lr, device)
             if stop.requested(device):
                 bar.close()
+                saver.wait()
                 where = progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
                 return save_and_stop(out, model, optimizer, where, args.fsdp, run.print, stop.received)
         bar.close()
@@ -284,13 +253,20 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
                             bad_epochs=0 if improved else progress["bad_epochs"] + 1)
 
         # 7. Save: the model first, then the state to resume from (a kill between the two redoes this epoch).
-        if improved:
-            save_model(model, tokenizer, out, run.lora, args, run.main_process)
-        save_state(out / "checkpoint", model, optimizer, progress, sharded=args.fsdp)   # every rank takes part
-        if args.patience is not None and progress["bad_epochs"] >= args.patience:
+        early_stop = args.patience is not None and progress["bad_epochs"] >= args.patience
+        stop_here = args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs
+        last = early_stop or stop_here or epoch + 1 == args.epochs
+        if tricks.enabled("background_saving") and run.world == 1 and not last:
+            saver.save(improved, progress, whole_model=not run.lora)    # written while the next epoch trains
+        else:
+            saver.wait()
+            if improved:
+                save_model(model, tokenizer, out, run.lora, args, run.main_process)
+            save_state(out / "checkpoint", model, optimizer, progress, sharded=args.fsdp)   # every rank takes part
+        if early_stop:
             run.print(f"early stop: no better validation loss for {args.patience} epochs")
             break
-        if args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs and epoch + 1 < args.epochs:
+        if stop_here and epoch + 1 < args.epochs:
             run.print(f"stopped after epoch {epoch + 1} as asked: continue with the same command plus --resume")
             return 0
     return None
@@ -341,28 +317,14 @@ def validation(args, run, tokenizer, data, labels):
                                   len(labels or ()), run.autocast)
 
 
-def save_model(model, tokenizer, out, lora, args, main_process):
-    """The model in the Hub layout (or the LoRA adapter in PEFT's), and its tokenizer."""
-    full = distributed.full_state_dict(model, args.fsdp)      # FSDP: every rank hands in its shard
+def save_model(model, tokenizer, out, lora, args, main_process, weights=None):
+    """The model in the Hub layout (or the LoRA adapter in PEFT's), and its tokenizer. `weights`:
+    copies of the model's tensors to write instead of its own (background saving)."""
+    if weights is None:
+        weights = distributed.full_state_dict(model, args.fsdp)      # FSDP: every rank hands in its shard
     if main_process:
-        save_adapter(model, out, lora, args.model) if lora else model.save_pretrained(out, state_dict=full)
+        save_adapter(model, out, lora, args.model, weights) if lora else model.save_pretrained(out, state_dict=weights)
         tokenizer.save(out)
-
-
-def describe_model(args, run, model, steps_per_epoch, total_steps):
-    trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), parameter_count(model)
-    run.print(f"model: {args.model} ({run.task}), {trainable:,} of {total:,} parameters trainable"
-              f" ({trainable / total:.2%}), {footprint_bytes(model) / 2**20:,.1f} MiB in memory (fp32:"
-              f" {total * 4 / 2**20:,.1f} MiB), on {run.device} ({'bf16 autocast' if run.bf16 else 'fp32'});"
-              f" {args.epochs} epochs of {steps_per_epoch} steps"
-              + (f" on each of {run.world} ranks" if run.world > 1 else ""))
-    if args.warmup_steps >= total_steps:
-        run.print(f"note: --warmup-steps {args.warmup_steps} is not shorter than the run's {total_steps} optimizer"
-                  " steps: the rate would still be rising when training ends; use fewer (a tenth of the steps is"
-                  " common)")
-    if run.main_process and importlib.util.find_spec("matplotlib") is None:
-        run.print("note: pip install matplotlib to get OUT/training.png, the loss, learning rate and gradient norm"
-                  " drawn after every epoch")
 
 
 def finish(args, run, model, tokenizer, data, quantization, estimate, progress):
@@ -372,21 +334,10 @@ def finish(args, run, model, tokenizer, data, quantization, estimate, progress):
     _, _, val_ids, val_labels = data
     if run.lora and args.merge and run.main_process:   # the best adapter, folded into the weights it trained with
         labels = model.config.labels if run.task == "classify" else None
-        load_trained = lambda: load_adapter(load_model(args.model, labels=labels, device=run.device,
-                                                       quantize=run.quant, new_head=args.new_head), out)
-        merged = merge_lora(load_trained())
-        merged.save_pretrained(out / "merged")
-        tokenizer.save(out / "merged")
-        run.print(f"merged model: {out / 'merged'}/")
-        if quantization and val_ids:
-            first = make_batch(run.task, val_ids, val_labels, list(range(min(8, len(val_ids)))), tokenizer.pad_id,
-                               run.device)
-            validate = validation(args, run, tokenizer, data, labels)
-            drift = quantization["merge"] = quantization_error.merge_drift(load_trained(), merged, first, validate)
-            write_json(quantization, out / "quantization.json")
-            run.print(f"merging moved the logits by up to {drift['max_logit_difference']:.4f}; validation"
-                      f" loss {drift['trained']['loss']:.4f} (quantized base + adapter),"
-                      f" {drift['merged']['loss']:.4f} (merged)")
+        first = make_batch(run.task, val_ids, val_labels, list(range(min(8, len(val_ids)))), tokenizer.pad_id,
+                           run.device) if val_ids else None
+        quantization_error.save_merged(args, run, labels, tokenizer, quantization, first,
+                                       validation(args, run, tokenizer, data, labels))
     if log.plot():
         run.print(f"training plot: {out / 'training.png'}")
     memory.report_peak(estimate, run.device, log, run.print)

@@ -167,3 +167,26 @@ def check_conversation(messages, where):
     if not any(m["role"] == "assistant" for m in messages):
         raise NanotuneError(f"{where}: the conversation has no assistant turn, so there is no answer to learn")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def render_conversations(train_examples, val_examples, tokenizer, model_name, choice=None, train_on="answers"):
+    """Conversations become text through the model's own chat template (the one it was fine-tuned
+    with: the markers it knows), or `choice` (--chat-template); each conversation's rendering is
+    its text in the data report. Returns the template; None for plain text."""
+    chats = [bool(examples) and "messages" in examples[0] for examples in (train_examples, val_examples)]
+    if not chats[0]:
+        if choice or train_on != "answers":
+            raise NanotuneError("--chat-template and --train-on apply to conversations (.jsonl with messages, or"
+                                " prompt and completion), and this data is plain text: leave them out")
+        return None
+    if val_examples and not chats[1]:
+        raise NanotuneError("the training data are conversations and the validation data are not: give"
+                            " --val-data in the same format")
+    tokenizer.chat_template = read_template(None, choice) if choice else tokenizer.chat_template
+    if tokenizer.chat_template is None:
+        raise NanotuneError(f"{model_name} has no chat template to write conversations with: give one with"
+                            " --chat-template FILE, or --chat-template chatml")
+    template = ChatTemplate(tokenizer.chat_template, tokenizer)
+    for example in train_examples + val_examples:
+        example["text"] = template.render(example["messages"])
+    return template

@@ -106,8 +106,9 @@ def merge_lora(model):
     return model
 
 
-def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
-    """The adapter alone, in PEFT's layout and key names."""
+def save_adapter(model, folder, cfg: LoRAConfig, base_model_name, parameters=None):
+    """The adapter alone, in PEFT's layout and key names. `parameters`: the trained parameters to
+    write ({name: tensor}), if not the model's own (a copy frozen at the end of an epoch)."""
     folder = Path(folder)
     is_lm = hasattr(model, "lm_head")
     config = {
@@ -120,12 +121,13 @@ def save_adapter(model, folder, cfg: LoRAConfig, base_model_name):
         "init_lora_weights": True,
     }
     embedding_name, embedding = input_embedding(model)
-    tensors = {PEFT_PREFIX + n: p.detach().contiguous() for n, p in model.named_parameters()
-               if p.requires_grad and p is not embedding.weight}
+    if parameters is None:
+        parameters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {PEFT_PREFIX + n: p.contiguous() for n, p in parameters.items() if n != embedding_name + ".weight"}
     if cfg.trainable_tokens:   # only the rows that trained, as PEFT keeps them: their values, by index
         rows = sorted(cfg.trainable_tokens)
         config["trainable_token_indices"] = {embedding_name.rpartition(".")[2]: rows}
-        tensors[PEFT_PREFIX + embedding_name + TOKENS] = embedding.weight.detach()[rows].contiguous()
+        tensors[PEFT_PREFIX + embedding_name + TOKENS] = parameters[embedding_name + ".weight"][rows].contiguous()
     files.atomic_write(folder / "adapter_model.safetensors",
                        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     files.write_json(config, folder / "adapter_config.json")

@@ -27,6 +27,9 @@ Each trick: its name, the plain version (where a reader meets it) -> the fast tw
   last step's memory
 - quantize_in_pieces: quantize.quantize_linears: the whole model loaded, then each layer swapped ->
   quantize_while_loading: each layer swapped as it loads, 4-bit weights a slice at a time
+- background_saving: train.fit's step 7, the model and the training state written while training
+  waits -> run/checkpoint.BackgroundSaver: copied, then written by a thread while the next epoch
+  trains (the one twin outside this module: it is the run's machinery, not the book's)
 
 `python train.py --plain` and `python generate.py --plain` turn every trick off (`--plain
 attention,chunked_loss` only those); from Python, `with nanotune.plain(): ...`.
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from .quantize import BLOCK, _bitsandbytes, check, dequantized_weight, quantized_linear
 
 NAMES = ("dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "quantized_decoding",
-         "fast_sampling", "keep_freed_memory", "quantize_in_pieces")
+         "fast_sampling", "keep_freed_memory", "quantize_in_pieces", "background_saving")
 _off = set()            # the tricks turned off in this process
 
 

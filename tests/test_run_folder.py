@@ -123,9 +123,11 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, tiny
 # ---- crash consistency -----------------------------------------------------------------------
 
 # Runs train.py with one writer replaced by one that is killed (SIGKILL, no clean-up) half-way
-# through its n-th file, or with the n-th optimizer step killed before it updates anything.
+# through its n-th file, or with the n-th optimizer step killed before it updates anything; or
+# killed half-way through its n-th training state while it is written in the background, once the
+# next epoch has taken two steps.
 CRASH = r"""
-import os, runpy, signal, sys
+import os, runpy, signal, sys, time
 what, nth = sys.argv[1], int(sys.argv[2])
 sys.argv = sys.argv[3:]
 import torch
@@ -147,14 +149,35 @@ if what == "model":
     hub.save_file = killed_on_nth(hub.save_file, True)
 elif what == "state":
     torch.save = killed_on_nth(torch.save, True)
+elif what == "state-while-training":
+    steps, real_step, real_save = 0, torch.optim.AdamW.step, torch.save
+    def counted_step(self, *args, **kwargs):
+        global steps
+        steps += 1
+        return real_step(self, *args, **kwargs)
+    def save_half_then_wait(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == nth:
+            begun = steps
+            real_save(*args, **kwargs)
+            with open(args[1], "r+b") as f:
+                f.truncate(os.path.getsize(args[1]) // 2)
+            while steps < begun + 2:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(*args, **kwargs)
+    torch.optim.AdamW.step, torch.save = counted_step, save_half_then_wait
 else:
     torch.optim.AdamW.step = killed_on_nth(torch.optim.AdamW.step, False)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("what, nth", [("model", 2), ("state", 2), ("state", 1), ("step", 40)],
-                         ids=["mid-save-of-the-model", "mid-save-of-the-state", "mid-first-save-of-the-state", "mid-step"])
+@pytest.mark.parametrize("what, nth", [("model", 2), ("state", 3), ("state", 1), ("state-while-training", 2),
+                                       ("step", 40)],
+                         ids=["mid-save-of-the-model", "mid-last-save-of-the-state", "mid-first-save-of-the-state",
+                              "mid-background-save-of-the-state", "mid-step"])
 def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_gpt2, finished_run, what, nth):
     out = tmp_path / "out"
     args = list(map(str, train_args(tiny_gpt2, out)))
@@ -244,8 +267,9 @@ def test_a_read_only_or_full_disk_is_one_line_and_loses_nothing(tmp_path, tiny_g
     assert_one_error_line(r, rf"cannot write {re.escape(str(out))}.*Read-only file system")
     assert files_in(out) == before
     # the disk fills up when the resumed run saves its training state: the last good one stays
+    # (epoch 4's state is written in the background; the error comes when epoch 5 has trained)
     r = run_refusing_writes("ENOSPC", out / "checkpoint" / ".training_state.pt", "train.py",
-                            *train_args(tiny_gpt2, out, "--epochs", 4, "--resume"))
+                            *train_args(tiny_gpt2, out, "--epochs", 5, "--resume"))
     assert_one_error_line(r, r"cannot write .*training_state\.pt: No space left on device")
     assert (out / "checkpoint/training_state.pt").read_bytes() == before[Path("checkpoint/training_state.pt")]
     assert not [p for p in out.rglob("*.tmp")]

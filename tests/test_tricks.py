@@ -386,6 +386,55 @@ print(sum(faults[4:]))                  # the steady state, once the heap has gr
     assert with_setting * 5 < without, (with_setting, without)
 
 
+# ---- background_saving -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora", [False, True], ids=["whole-model", "lora"])
+def test_a_background_save_writes_what_the_plain_save_writes(tmp_path, tiny_gpt2, lora):
+    """The files hold the epoch's end although training goes on at once: the same model (or
+    adapter) and training state as the plain save made at the same moment, byte for byte."""
+    from argparse import Namespace
+
+    from nanotune.lora import LoRAConfig, add_lora
+    from nanotune.optim import make_optimizer
+    from nanotune.run.checkpoint import BackgroundSaver, save_state
+    model, tokenizer = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)
+    config = LoRAConfig(("c_attn", "c_proj", "c_fc"), r=2) if lora else None
+    if lora:
+        add_lora(model, config)
+    optimizer = make_optimizer(model, 1e-3, 0.01)
+    batch = lm_batch([tokenizer.encode(t) for t in TEXTS], tokenizer.pad_id)
+
+    def step():
+        train.loss_sum(model, batch, "lm").backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()
+    args, progress = Namespace(model=str(tiny_gpt2), fsdp=False), {"epoch": 1, "step_in_epoch": 0, "step": 1}
+    save = lambda folder, weights=None: train.save_model(model, tokenizer, folder, config, args, True, weights)
+    rng = torch.get_rng_state()
+    save(tmp_path / "plain")
+    save_state(tmp_path / "plain" / "checkpoint", model, optimizer, progress)
+    torch.set_rng_state(rng)
+    import threading
+    trained = threading.Event()       # the files are written after the next epoch's steps changed everything
+    saver = BackgroundSaver(tmp_path / "background", model, optimizer,
+                            lambda w: (trained.wait(), save(tmp_path / "background", w)))
+    saver.save(True, progress, whole_model=not lora)
+    for _ in range(3):
+        step()
+    trained.set()
+    saver.wait()
+    written = lambda folder: {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    plain_files, background_files = written(tmp_path / "plain"), written(tmp_path / "background")
+    assert plain_files.keys() == background_files.keys()
+    assert all(plain_files[f] == background_files[f] for f in plain_files if f.suffix != ".pt")
+    states = [torch.load(folder / "checkpoint/training_state.pt", weights_only=True) for folder in
+              (tmp_path / "plain", tmp_path / "background")]
+    flat = lambda state: torch.utils._pytree.tree_flatten(state)[0]
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(*map(flat, states), strict=True))
+    assert not torch.equal(model.state_dict()[next(iter(states[1]["model"]))], next(iter(states[1]["model"].values())))
+
+
 # ---- the switch ------------------------------------------------------------------------------
 
 def test_plain_turns_tricks_off_inside_its_block_only():

@@ -11,9 +11,11 @@ which can reload them onto any number of ranks. The shards go into one of two fo
 and `training_state.pt` names the one that is complete: it is written last, atomically, so a
 kill at any moment leaves the previous state whole.
 """
+import copy
 import pickle
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -40,15 +42,27 @@ def rng_states():
 def save_state(folder, model, optimizer, progress: dict, sharded=False):
     """Every rank calls this. progress: epoch, step_in_epoch, step, best, ... (plain numbers)."""
     folder = Path(folder)
-    state = {"progress": progress, "rng": rng_states()}
     if sharded:
-        state |= _save_shards(folder, model, optimizer)
+        state = {"progress": progress, "rng": rng_states()} | _save_shards(folder, model, optimizer)
     else:      # one process, or DDP, whose ranks hold the same weights: rank 0's
-        state |= {"model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                  "optimizer": optimizer.state_dict()}
+        state = training_state(model, optimizer, progress)
     if rank() == 0:
-        atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        write_state(folder, state)
     barrier()
+
+
+def training_state(model, optimizer, progress, frozen=None):
+    """The checkpoint's dict: trainable weights, AdamW's state, where the run stands, every rank's
+    random state. `frozen` ({id(parameter): its copy}): weights copied already, and the optimizer's
+    state copied too, so that training may go on while the dict is written."""
+    weights = {n: (p.detach() if frozen is None else frozen[id(p)]) for n, p in model.named_parameters()
+               if p.requires_grad}
+    moments = optimizer.state_dict() if frozen is None else copy.deepcopy(optimizer.state_dict())
+    return {"progress": dict(progress), "rng": rng_states(), "model": weights, "optimizer": moments}
+
+
+def write_state(folder, state):
+    atomic_write(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def _save_shards(folder, model, optimizer):
@@ -173,6 +187,54 @@ class StopSignals:
     def requested(self, device) -> bool:
         """Asked on every rank after every step, so that all ranks stop at the same one."""
         return bool(sum_across(self.received is not None, device=device)[0])
+
+
+class BackgroundSaver:
+    """The `background_saving` trick. The plain version (train.fit, step 7) writes the model when it
+    improved, then the training state, and the next epoch waits for both. Here the same two files
+    are written by a thread while the next epoch trains.
+
+    Why it may: what the files hold is copied first (the weights, AdamW's moments, the random
+    state), so they hold the epoch's end whatever training does next: the same tensors the plain
+    version writes (tests/test_tricks.py compares them). The thread writes the model before the
+    state, as the plain version does, so the state never runs ahead of the model; each file is
+    written atomically, so a kill at any moment leaves the last complete one. One write at a time:
+    `save` waits for the one before, and `wait` (before the run stops or ends) for the last. The
+    copies cost memory as large as what they copy, for the seconds of the write (the memory
+    estimate counts them); a write that fails stops the run at the next `save` or `wait`, with the
+    one line every write error gets."""
+
+    def __init__(self, out, model, optimizer, save_model):
+        self.out, self.model, self.optimizer, self.save_model = Path(out), model, optimizer, save_model
+        self.thread, self.error = None, None
+
+    def save(self, improved, progress, whole_model):
+        """`whole_model`: the model file holds every weight (not a LoRA adapter's few)."""
+        self.wait()
+        copies = {}                             # {id(tensor): its copy}; a tied weight is one tensor
+        for t in self.model.state_dict(keep_vars=True).values():
+            if t.requires_grad or (improved and whole_model):
+                copies.setdefault(id(t), t.detach().clone())
+        weights = {n: copies[id(t)] for n, t in self.model.state_dict(keep_vars=True).items() if id(t) in copies}
+        state = training_state(self.model, self.optimizer, progress, copies)
+        self.thread = threading.Thread(target=self._write, args=(weights if improved else None, state))
+        self.thread.start()
+
+    def _write(self, weights, state):
+        try:
+            if weights is not None:
+                self.save_model(weights)
+            write_state(self.out / "checkpoint", state)
+        except BaseException as e:          # raised in the training loop, at the next save or wait
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def save_and_stop(out, model, optimizer, progress, sharded, say, signum):

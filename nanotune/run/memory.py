@@ -219,7 +219,7 @@ _probes = {}
 
 
 def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpointing=False, labels=2, chunked_loss=True,
-             on_gpu=False, baseline=None, chunk=512):
+             on_gpu=False, baseline=None, chunk=512, background_saving=False):
     """{component: bytes}, "total" (the peak: on CPU the process's resident memory, on a GPU the
     memory torch allocates) and "needed" (what the run still has to find), before it starts."""
     is_lm = config["model_type"] != "bert"
@@ -245,6 +245,9 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
         parts[f"LoRA weights (r {lora.r})"] = 4 * lora_count(config, lora.r, lora.targets)
     parts["gradients (fp32, of what trains)"] = 4 * trainable
     parts["optimizer state (AdamW: two moments)"] = 8 * trainable
+    if background_saving:     # an epoch's weights and moments, copied, written while the next epoch trains
+        parts["saving in the background: a copy of the weights and moments"] = 4 * (
+            total_params if lora is None else trainable) + 8 * trainable
     BTC, attention = batch * seq * C, batch * nh * seq * seq
     per_block = lambda fit: max(0.0, fit[0] * BTC + fit[1] * attention + fit[2])
     # Checkpointing keeps each block's input (fp32) and recomputes one block at a time in backward;
@@ -343,7 +346,8 @@ def check(args, run, config, report, num_labels):
     seq = lengths["max_length"] if run.task == "lm" and args.pack else min(lengths["max"], lengths["max_length"])
     settings = dict(batch=args.batch_size, seq=seq, bf16=args.bf16, quant=run.quant, lora=run.lora,
                     checkpointing=args.grad_checkpointing, labels=num_labels,
-                    chunked_loss=tricks.enabled("chunked_loss"), on_gpu=run.device.type == "cuda")
+                    chunked_loss=tricks.enabled("chunked_loss"), on_gpu=run.device.type == "cuda",
+                    background_saving=background_saving(args, run))
     parts = estimate(config, **settings)
     run.print(format_estimate(parts, args.batch_size, seq))
     free = free_memory(run.device)
@@ -354,6 +358,12 @@ def check(args, run, config, report, num_labels):
         raise NanotuneError(f"the run needs about {parts['needed'] / MiB:,.0f} MiB more but {run.device.type} has"
                             f" {free / MiB:,.0f} MiB free: {advice}")
     return parts
+
+
+def background_saving(args, run) -> bool:
+    """Whether an epoch's end will be saved in the background (train.fit): not the last epoch's."""
+    epochs = min(args.epochs, args.stop_after_epochs or args.epochs)
+    return tricks.enabled("background_saving") and run.world == 1 and epochs > 1
 
 
 def report_peak(estimate, device, log, say):

@@ -1,4 +1,6 @@
-"""The run's log: the running training loss, one JSON line per event, and a loss curve."""
+"""The run's log: what it says about its data and model, the running training loss, one JSON line
+per event, and a loss curve."""
+import importlib.util
 import json
 import math
 import time
@@ -6,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..data import padding_note
 from ..errors import NanotuneError
 from ..files import append_line
+from ..quantize import footprint_bytes, parameter_count
 from .distributed import sum_across
 
 
@@ -104,3 +108,32 @@ def report_training(running, bar, log, epoch, step, lr, device):
                             " Lower --lr, keep --max-grad-norm on, or check the data")
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
     log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed, **norms)
+
+
+def describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, task):
+    """The data line train.py prints once tokenized: examples, tokens, what was cut, the padding."""
+    cut = "split into windows" if task == "lm" else "truncated"
+    lengths = [len(ids) for ids in train_ids]
+    return (f"data: {len(train_examples)} training and {len(val_examples)} validation examples,"
+            f" {sum(lengths):,} training tokens"
+            + (f", labels {labels}" if labels else "")
+            + (f"; {too_long} examples longer than {max_length} tokens were {cut}" if too_long else "")
+            + "\n" + padding_note(lengths, args.batch_size, args.seed, args.group_by_length, args.pack))
+
+
+
+def describe_model(args, run, model, steps_per_epoch, total_steps):
+    """What trains, where, in what precision, for how many steps; and what the settings overlook."""
+    trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), parameter_count(model)
+    run.print(f"model: {args.model} ({run.task}), {trainable:,} of {total:,} parameters trainable"
+              f" ({trainable / total:.2%}), {footprint_bytes(model) / 2**20:,.1f} MiB in memory (fp32:"
+              f" {total * 4 / 2**20:,.1f} MiB), on {run.device} ({'bf16 autocast' if run.bf16 else 'fp32'});"
+              f" {args.epochs} epochs of {steps_per_epoch} steps"
+              + (f" on each of {run.world} ranks" if run.world > 1 else ""))
+    if args.warmup_steps >= total_steps:
+        run.print(f"note: --warmup-steps {args.warmup_steps} is not shorter than the run's {total_steps} optimizer"
+                  " steps: the rate would still be rising when training ends; use fewer (a tenth of the steps is"
+                  " common)")
+    if run.main_process and importlib.util.find_spec("matplotlib") is None:
+        run.print("note: pip install matplotlib to get OUT/training.png, the loss, learning rate and gradient norm"
+                  " drawn after every epoch")

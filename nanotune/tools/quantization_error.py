@@ -3,12 +3,15 @@ against the checkpoint's full-precision weights, one layer at a time: the full m
 held in memory beside the quantized one. `compare` (generate.py --eval --compare) scores the
 quantized model beside the full-precision one; `merge_drift` (train.py --merge) what merging costs."""
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import hub
 from ..data import read_examples
+from ..files import write_json
+from ..lora import load_adapter, merge_lora
 from ..models import load_model
 from ..quantize import QuantConfig, dequantized_weight
 from ..run.generate_flags import DTYPES
@@ -126,6 +129,24 @@ def merge_drift(trained, merged, batch, evaluate):
     difference = (trained(batch["input_ids"], batch["attention_mask"]).float()
                   - merged(batch["input_ids"], batch["attention_mask"]).float()).abs().max()
     return {"max_logit_difference": float(difference), "trained": evaluate(trained), "merged": evaluate(merged)}
+
+
+def save_merged(args, run, labels, tokenizer, quantization, batch, validate):
+    """--merge: the best adapter folded into the weights it trained with, in OUT/merged. For a
+    quantized base, also how far merging moved the model (printed, and kept in quantization.json)."""
+    out = Path(args.out)
+    load_trained = lambda: load_adapter(load_model(args.model, labels=labels, device=run.device, quantize=run.quant,
+                                                   new_head=args.new_head), out)
+    merged = merge_lora(load_trained())
+    merged.save_pretrained(out / "merged")
+    tokenizer.save(out / "merged")
+    run.print(f"merged model: {out / 'merged'}/")
+    if quantization and batch is not None:
+        drift = quantization["merge"] = merge_drift(load_trained(), merged, batch, validate)
+        write_json(quantization, out / "quantization.json")
+        run.print(f"merging moved the logits by up to {drift['max_logit_difference']:.4f}; validation"
+                  f" loss {drift['trained']['loss']:.4f} (quantized base + adapter),"
+                  f" {drift['merged']['loss']:.4f} (merged)")
 
 
 def compare(args, model, tokenizer, base, device):

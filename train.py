@@ -227,6 +227,9 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
             lr = lr_at(step, args.lr, args.warmup_steps, total_steps, args.lr_schedule)
             micro_batches = [make_batch(task, train_ids, train_labels, indices, tokenizer.pad_id, device)
                              for indices in steps[step_in_epoch]]
+            if tricks.enabled("few_shapes"):                 # widths in steps of 8: a few shapes, reused
+                micro_batches = [tricks.padded_to_multiple(b, tokenizer.pad_id, model.config.context)
+                                 for b in micro_batches]
             summed, count, norm = train_step(train_model, micro_batches, optimizer, lr, compute_loss,
                                              args.max_grad_norm, device)
             step += 1
@@ -300,12 +303,16 @@ def train_step(model, micro_batches, optimizer, lr, compute_loss, max_grad_norm,
             summed = compute_loss(model, batch)               # forward pass and loss
         (summed / divisor).backward()                         # gradients add up over micro-batches
         total += summed.detach()
-    norm = None
-    if max_grad_norm > 0:
-        # One odd batch can give a huge gradient; clipping its norm to 1.0 keeps a single step from
-        # undoing what pre-training learned.
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_grad_norm)
-    optimizer.step()
+    norm, params = None, [p for p in model.parameters() if p.grad is not None]
+    clip_in_adamw = max_grad_norm > 0 and tricks.enabled("clip_in_adamw") and tricks.clips_inside_adamw(optimizer)
+    if not clip_in_adamw:
+        if max_grad_norm > 0:
+            # One odd batch can give a huge gradient; clipping its norm to 1.0 keeps a single step from
+            # undoing what pre-training learned.
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+    else:
+        norm = tricks.clip_inside_adamw(optimizer, params, max_grad_norm)   # the same two lines, one pass fewer
     optimizer.zero_grad(set_to_none=True)                     # set_to_none: the next backward writes afresh
     return total, count, norm
 

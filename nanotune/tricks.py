@@ -23,6 +23,10 @@ Each trick: its name, the plain version (where a reader meets it) -> the fast tw
   model -> Int8Linear: PyTorch's int8 weight-only kernel; Bf16Linear for 4-bit layers without
   bitsandbytes' fast kernel; the output layer read in bf16
 - fast_sampling: torch.multinomial -> sample: inverse transform sampling
+- few_shapes: train.fit: each batch padded to its longest example -> padded_to_multiple: and on to a
+  multiple of 8 positions
+- clip_in_adamw: train.train_step: clip_grad_norm_ scales the gradients, then AdamW reads them ->
+  clip_inside_adamw: the norm measured, the scale handed to AdamW's fused pass
 - keep_freed_memory: the C library's malloc as it is -> keep_freed_memory: each step reuses the
   last step's memory
 - quantize_in_pieces: quantize.quantize_linears: the whole model loaded, then each layer swapped ->
@@ -46,8 +50,8 @@ import torch.nn.functional as F
 
 from .quantize import BLOCK, _bitsandbytes, check, dequantized_weight, quantized_linear
 
-NAMES = ("dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "quantized_decoding",
-         "fast_sampling", "keep_freed_memory", "quantize_in_pieces", "background_saving")
+NAMES = ("few_shapes", "dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "quantized_decoding",
+         "fast_sampling", "clip_in_adamw", "keep_freed_memory", "quantize_in_pieces", "background_saving")
 _off = set()            # the tricks turned off in this process
 
 
@@ -474,6 +478,65 @@ def sample(probs, generator=None):
     cdf = probs.cumsum(dim=-1)                                                         # (B, V)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+# ---- few_shapes ------------------------------------------------------------------------------------
+
+MULTIPLE = 8
+
+
+def padded_to_multiple(batch, pad_id, limit, multiple=MULTIPLE):
+    """The batch with padding columns added up to a multiple of 8 positions (never past `limit`,
+    the model's context): what transformers' collators do with `pad_to_multiple_of=8`.
+
+    Padded to its longest example, a batch of short texts has a new width nearly every step, and
+    each width asks the allocator for blocks of new sizes: the heap that keep_freed_memory keeps
+    splits into pieces that fit no later request and grows (by gigabytes over the first epoch of
+    the main command on GPT-2 124M: bench/README.md), and the matrix-product kernels meet a new
+    shape each time. With widths in steps of 8 there are a handful of shapes, reused from step to
+    step. Why it may: the added columns are padding like any other, masked out of attention
+    (attention mask 0) and out of the loss (label -100), so the loss and gradients are the plain
+    batch's up to rounding (tests/test_tricks.py)."""
+    width = batch["input_ids"].shape[1]
+    extra = min(-width % multiple, max(0, limit - width))
+    if extra == 0:
+        return batch
+    mask = batch["attention_mask"] if batch["attention_mask"] is not None else torch.ones_like(batch["input_ids"])
+    widened = lambda t, value: torch.cat([t, t.new_full((t.shape[0], extra), value)], dim=1)
+    wider = dict(batch, input_ids=widened(batch["input_ids"], pad_id), attention_mask=widened(mask, 0))
+    if batch["labels"].dim() == 2:                              # a language model's per-token labels
+        wider["labels"] = widened(batch["labels"], -100)
+    if batch.get("position_ids") is not None:
+        wider["position_ids"] = widened(batch["position_ids"], 0)
+    return wider
+
+
+# ---- clip_in_adamw -------------------------------------------------------------------------------
+
+def clips_inside_adamw(optimizer) -> bool:
+    """Whether clip_inside_adamw can serve: PyTorch's fused AdamW (optim.make_optimizer's choice on
+    CPU and CUDA for plain tensors; not FSDP's sharded ones, whose norm needs every rank)."""
+    return bool(optimizer.defaults.get("fused"))
+
+
+def clip_inside_adamw(optimizer, params, max_norm):
+    """clip_grad_norm_(params, max_norm), then optimizer.step(), with one pass fewer over the
+    gradients. Returns the gradient's norm before clipping, as clip_grad_norm_ does.
+
+    clip_grad_norm_ reads every gradient to measure their norm, then multiplies every gradient by
+    max_norm / (norm + 1e-6) when that is below 1: a second read and a write of all of them, which
+    for a 124M model at short sequences costs as much as a tenth of the step. PyTorch's fused AdamW
+    already reads each gradient once and can divide it by a scale on the way (`grad_scale`, the
+    hook mixed-precision training uses to unscale fp16 gradients). Handing it the inverse factor
+    gives AdamW the same clipped gradient: equal up to the rounding of one division instead of one
+    multiplication (tests/test_tricks.py)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # clip_grad_norm_'s norm
+    optimizer.grad_scale = 1 / torch.clamp(max_norm / (norm + 1e-6), max=1.0)               # and 1 / its factor
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+    return norm
 
 
 # ---- keep_freed_memory ---------------------------------------------------------------------------

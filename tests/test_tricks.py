@@ -62,6 +62,53 @@ def test_a_training_step_fast_equals_plain(tiny_gpt2, tiny_bert, minilm_dir, tas
             assert (fast_grads[name] - plain_grads[name]).abs().max() <= 1e-5, name
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])       # the gradients clipped, and left alone
+def test_clipping_inside_adamw_equals_clipping_then_stepping(tiny_gpt2, max_norm):
+    """train.train_step with the clip_in_adamw trick and without it: the same norm, the same
+    weights and moments after three steps of the fused AdamW that train.py makes."""
+    from nanotune.optim import make_optimizer
+    tok = load_tokenizer(tiny_gpt2)
+    batch = lm_batch([ids + [tok.eos_id] for ids in tok.encode_batch(TEXTS)], tok.pad_id)
+    results = []
+    for trick in (True, False):
+        model = without_dropout(GPT2.from_pretrained(tiny_gpt2))
+        optimizer = make_optimizer(model, 1e-2, 0.1)
+        assert tricks.clips_inside_adamw(optimizer)
+        with plain([] if trick else ["clip_in_adamw"]):
+            norms = [train.train_step(model, [batch], optimizer, 1e-2, lambda m, b: train.loss_sum(m, b, "lm"),
+                                      max_norm, torch.device("cpu"))[2] for _ in range(3)]
+        results.append((torch.stack(norms), dict(model.named_parameters()), optimizer.state_dict()["state"]))
+    (fast_norms, fast_weights, fast_moments), (plain_norms, plain_weights, plain_moments) = results
+    assert torch.allclose(fast_norms, plain_norms, rtol=1e-5) and bool((plain_norms > max_norm).all()) == (max_norm < 1)
+    for name in plain_weights:
+        assert torch.allclose(fast_weights[name], plain_weights[name], rtol=1e-5, atol=1e-7), name
+    for i in plain_moments:
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(fast_moments[i][moment], plain_moments[i][moment], rtol=1e-4, atol=1e-12), (i, moment)
+
+
+@pytest.mark.parametrize("task", ["lm", "packed", "classify"])
+def test_a_batch_padded_to_a_multiple_of_8_gives_the_same_loss_and_gradients(tiny_gpt2, tiny_bert, task):
+    from nanotune.data import pack_examples
+    if task == "classify":
+        tok, load = load_tokenizer(tiny_bert), lambda: BertClassifier.from_pretrained(tiny_bert, labels=["a", "b"])
+        batch = classify_batch(tok.encode_batch(TEXTS), [0, 1, 1], tok.pad_id)
+    else:
+        tok, load = load_tokenizer(tiny_gpt2), lambda: GPT2.from_pretrained(tiny_gpt2)
+        ids = [s + [tok.eos_id] for s in tok.encode_batch(TEXTS)]
+        blocks, labels = pack_examples(ids, ids, 61) if task == "packed" else (ids, None)
+        batch = lm_batch(blocks, tok.pad_id, labels)
+    width = batch["input_ids"].shape[1]
+    wider = tricks.padded_to_multiple(batch, tok.pad_id, limit=64)
+    assert wider["input_ids"].shape[1] == min(-(-width // 8) * 8, 64) > width
+    assert tricks.padded_to_multiple(batch, tok.pad_id, limit=width)["input_ids"].shape[1] == width   # the context
+    lm = "classify" if task == "classify" else "lm"
+    (loss, grads), (wider_loss, wider_grads) = one_step(load, batch, lm), one_step(load, wider, lm)
+    assert abs(loss - wider_loss) <= 1e-5 * abs(loss)
+    for name in grads:
+        assert (grads[name] - wider_grads[name]).abs().max() <= 1e-5, name
+
+
 def test_greedy_generation_fast_equals_plain(tiny_gpt2):
     """The KV-cached, packed decoding loop picks the tokens the plain loop picks, batched with padding."""
     model, tok = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)

@@ -27,7 +27,7 @@ from nanotune.models import check_tokenizer_fits, load_model, model_config
 from nanotune.new_tokens import grow_embedding, grow_tokenizer
 from nanotune.optim import format_groups, freeze, layers_of, lr_at, make_optimizer, unfreeze_gradually
 from nanotune.run import distributed, memory
-from nanotune.run.checkpoint import BackgroundSaver, StopSignals, save_and_stop, save_state
+from nanotune.run.checkpoint import BackgroundSaver, StopSignals, save_and_stop, save_state, saves_in_background
 from nanotune.run.cli import run as run_command
 from nanotune.run.metrics import MetricsLog, RunningLoss, describe_data, describe_model, report_training
 from nanotune.run.output import take
@@ -202,7 +202,8 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     may_train = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # for gradual unfreezing
     stop = StopSignals()                                     # Ctrl-C / SIGTERM: finish the step, save, stop
     write_model = lambda weights: save_model(model, tokenizer, out, run.lora, args, run.main_process, weights)
-    saver = BackgroundSaver(out, model, optimizer, write_model)        # (step 7, in one process)
+    saver = BackgroundSaver(out, model, optimizer, write_model)        # (step 7, where a core is free for it)
+    background = saves_in_background(run, args.epochs)
     model.train()                                            # dropout on
     step = progress["step"]
     for epoch in range(progress["epoch"], args.epochs):
@@ -259,7 +260,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
         early_stop = args.patience is not None and progress["bad_epochs"] >= args.patience
         stop_here = args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs
         last = early_stop or stop_here or epoch + 1 == args.epochs
-        if tricks.enabled("background_saving") and run.world == 1 and not last:
+        if background and not last:
             saver.save(improved, progress, whole_model=not run.lora)    # written while the next epoch trains
         else:
             saver.wait()

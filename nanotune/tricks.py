@@ -515,8 +515,10 @@ def padded_to_multiple(batch, pad_id, limit, multiple=MULTIPLE):
 
 def clips_inside_adamw(optimizer) -> bool:
     """Whether clip_inside_adamw can serve: PyTorch's fused AdamW (optim.make_optimizer's choice on
-    CPU and CUDA for plain tensors; not FSDP's sharded ones, whose norm needs every rank)."""
-    return bool(optimizer.defaults.get("fused"))
+    CPU and CUDA for plain tensors; not FSDP's sharded ones, whose norm needs every rank) over fp32
+    weights (its kernel takes the scale in fp32 only; QLoRA's adapters may be bf16)."""
+    return bool(optimizer.defaults.get("fused")) and all(
+        p.dtype == torch.float32 for group in optimizer.param_groups for p in group["params"])
 
 
 def clip_inside_adamw(optimizer, params, max_norm):

@@ -169,11 +169,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_refusing_writes(code, folder, script, *args, cwd=ROOT, timeout=600):
+def run_refusing_writes(code, folder, script, *args, cwd=ROOT, timeout=600, env=None):
     """`run_cli`, with every write under `folder` failing with errno `code` ("EROFS", "ENOSPC")."""
     import subprocess
     return subprocess.run([sys.executable, "-c", REFUSE_WRITES, code, str(folder), str(ROOT / script), *map(str, args)],
-                          cwd=cwd, env=os.environ.copy(), capture_output=True, text=True, timeout=timeout)
+                          cwd=cwd, env=dict(os.environ, **(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def make_llama(folder, bpe_dir, kind="llama", seed=0, **overrides):

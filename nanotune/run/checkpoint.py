@@ -12,6 +12,7 @@ and `training_state.pt` names the one that is complete: it is written last, atom
 kill at any moment leaves the previous state whole.
 """
 import copy
+import os
 import pickle
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import tricks
 from ..errors import NanotuneError
 from ..files import atomic_write, cannot_write
 from .distributed import barrier, rank, sum_across
@@ -235,6 +237,19 @@ class BackgroundSaver:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+def saves_in_background(run, epochs) -> bool:
+    """Whether train.fit hands an epoch's save to a BackgroundSaver: one process (under DDP or FSDP
+    every rank takes part in a save), more than one epoch (the last epoch's save has nothing to
+    overlap), and a processor left for the writer. Writing 1.4 GB (GPT-2 124M's weights and AdamW's
+    moments) is seconds of work for a CPU: the kernel copies every byte into its page cache. Training
+    on a GPU leaves the CPU to it; training on the CPU with a PyTorch thread on every core does not,
+    and there a write beside training slows the steps by about as much as it saves (bench/README.md).
+    So on a CPU: only when PyTorch runs on fewer threads than there are cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    spare = run.device.type != "cpu" or torch.get_num_threads() < cores
+    return tricks.enabled("background_saving") and run.world == 1 and epochs > 1 and spare
 
 
 def save_and_stop(out, model, optimizer, progress, sharded, say, signum):

@@ -18,6 +18,7 @@ import torch
 
 from .. import tricks
 from ..errors import NanotuneError
+from .checkpoint import saves_in_background
 
 MiB = 2**20
 ALLOCATOR_KEEPS = 0.25         # bytes malloc keeps per byte a training step makes and frees (CPU)
@@ -349,7 +350,7 @@ def check(args, run, config, report, num_labels):
     settings = dict(batch=args.batch_size, seq=seq, bf16=args.bf16, quant=run.quant, lora=run.lora,
                     checkpointing=args.grad_checkpointing, labels=num_labels,
                     chunked_loss=tricks.enabled("chunked_loss"), on_gpu=run.device.type == "cuda",
-                    background_saving=background_saving(args, run))
+                    background_saving=saves_in_background(run, min(args.epochs, args.stop_after_epochs or args.epochs)))
     parts = estimate(config, **settings)
     run.print(format_estimate(parts, args.batch_size, seq))
     free = free_memory(run.device)
@@ -360,12 +361,6 @@ def check(args, run, config, report, num_labels):
         raise NanotuneError(f"the run needs about {parts['needed'] / MiB:,.0f} MiB more but {run.device.type} has"
                             f" {free / MiB:,.0f} MiB free: {advice}")
     return parts
-
-
-def background_saving(args, run) -> bool:
-    """Whether an epoch's end will be saved in the background (train.fit): not the last epoch's."""
-    epochs = min(args.epochs, args.stop_after_epochs or args.epochs)
-    return tricks.enabled("background_saving") and run.world == 1 and epochs > 1
 
 
 def report_peak(estimate, device, log, say):

@@ -33,7 +33,8 @@ Each trick: its name, the plain version (where a reader meets it) -> the fast tw
   quantize_while_loading: each layer swapped as it loads, 4-bit weights a slice at a time
 - background_saving: train.fit's step 7, the model and the training state written while training
   waits -> run/checkpoint.BackgroundSaver: copied, then written by a thread while the next epoch
-  trains (the one twin outside this module: it is the run's machinery, not the book's)
+  trains, where a processor is free for the writer (the one twin outside this module: it is the
+  run's machinery, not the book's)
 
 `python train.py --plain` and `python generate.py --plain` turn every trick off (`--plain
 attention,chunked_loss` only those); from Python, `with nanotune.plain(): ...`.

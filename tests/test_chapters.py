@@ -24,6 +24,7 @@ class Recorder:
 
     def __init__(self, model):
         self.model, self.param_groups, self.grads = model, [{"lr": 0.0}], None
+        self.defaults = {}                                     # not fused: clipping stays train_step's own
 
     def step(self):
         self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}

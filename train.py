@@ -1,4 +1,5 @@
-"""Fine-tune a pre-trained model: GPT-2 as a language model, or BERT as a classifier.
+"""Fine-tune a pre-trained model: GPT-2 or a Llama-family model as a language model (on plain text or
+on conversations), or BERT as a classifier.
 
     python train.py --data data/anecdotes_jokes.txt                      # GPT-2, causal LM
     python train.py --model sentence-transformers/all-MiniLM-L6-v2 \\

@@ -492,8 +492,8 @@ def padded_to_multiple(batch, pad_id, limit, multiple=MULTIPLE):
 
     Padded to its longest example, a batch of short texts has a new width nearly every step, and
     each width asks the allocator for blocks of new sizes: the heap that keep_freed_memory keeps
-    splits into pieces that fit no later request and grows (by gigabytes over the first epoch of
-    the main command on GPT-2 124M: bench/README.md), and the matrix-product kernels meet a new
+    splits into pieces that fit no later request and grows (the main command on GPT-2 124M peaked
+    929 MiB higher without this trick: bench/README.md), and the matrix-product kernels meet a new
     shape each time. With widths in steps of 8 there are a handful of shapes, reused from step to
     step. Why it may: the added columns are padding like any other, masked out of attention
     (attention mask 0) and out of the loss (label -100), so the loss and gradients are the plain

@@ -317,6 +317,16 @@ def test_a_request_that_arrives_mid_batch_starts_before_the_batch_ends(tiny_gpt2
         assert (first_short < long_done) == continuous, (continuous, events)
 
 
+def test_the_cache_grows_only_by_what_the_running_sequences_need(tiny_gpt2):
+    from nanotune.tools.engine import Engine
+    model, tok = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)
+    prompt = tok.encode("Once upon a time")
+    engine = Engine(model, tok, 8, set())
+    run_engine(engine, [([prompt] * 8, settings(max_tokens=12))])          # 8 places, each prompt + 12 positions
+    engine.stop()
+    assert engine.k.shape[1] == 8 and engine.k.shape[3] == len(prompt) + 12   # more places, not longer ones
+
+
 def test_a_cancelled_request_frees_its_place(tiny_gpt2):
     from nanotune.tools.engine import Engine, Request
     model, tok = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)

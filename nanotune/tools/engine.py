@@ -139,11 +139,16 @@ class Engine:
         self.choose(slot, self.model.lm_head(hidden[:, -1]).float()[0])
 
     def reserve(self, slots, positions):
-        """Grow the cache to hold `slots` sequences of `positions` each (doubling, so growing is rare)."""
+        """Grow the cache to hold `slots` sequences of `positions` each: the dimension that is short
+        doubles (so growing is rare), up to --max-batch slots and the model's context; the other stays."""
         have_slots, have_positions = self.k.shape[1], self.k.shape[3]
         if slots <= have_slots and positions <= have_positions:
             return
-        slots, positions = max(slots, 2 * have_slots), max(positions, 2 * have_positions)
+        if slots > have_slots:
+            slots = min(max(slots, 2 * have_slots), self.max_batch)
+        if positions > have_positions:
+            positions = min(max(positions, 2 * have_positions), self.model.config.context)
+        slots, positions = max(slots, have_slots), max(positions, have_positions)
         shape = (self.layers, slots, self.heads, positions, self.head_size)
         k, v = (torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2))
         k[:, :have_slots, :, :have_positions], v[:, :have_slots, :, :have_positions] = self.k, self.v

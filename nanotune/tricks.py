@@ -486,7 +486,12 @@ def sample(probs, generator=None):
 MULTIPLE = 8
 
 
-def padded_to_multiple(batch, pad_id, limit, multiple=MULTIPLE):
+def padded_width(width, limit, multiple=MULTIPLE):
+    """`width` rounded up to a multiple of 8, never past `limit` (the model's context)."""
+    return max(width, min(-(-width // multiple) * multiple, limit))
+
+
+def padded_to_multiple(batch, pad_id, limit):
     """The batch with padding columns added up to a multiple of 8 positions (never past `limit`,
     the model's context): what transformers' collators do with `pad_to_multiple_of=8`.
 
@@ -499,7 +504,7 @@ def padded_to_multiple(batch, pad_id, limit, multiple=MULTIPLE):
     (attention mask 0) and out of the loss (label -100), so the loss and gradients are the plain
     batch's up to rounding (tests/test_tricks.py)."""
     width = batch["input_ids"].shape[1]
-    extra = min(-width % multiple, max(0, limit - width))
+    extra = padded_width(width, limit) - width
     if extra == 0:
         return batch
     mask = batch["attention_mask"] if batch["attention_mask"] is not None else torch.ones_like(batch["input_ids"])

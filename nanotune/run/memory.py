@@ -346,7 +346,7 @@ def check(args, run, config, report, num_labels):
     lengths = report["lengths"]
     seq = lengths["max_length"] if run.task == "lm" and args.pack else min(lengths["max"], lengths["max_length"])
     if tricks.enabled("few_shapes"):                # train.fit pads each batch on to a multiple of 8
-        seq = min(-(-seq // tricks.MULTIPLE) * tricks.MULTIPLE, lengths["max_length"])
+        seq = tricks.padded_width(seq, lengths["max_length"])
     settings = dict(batch=args.batch_size, seq=seq, bf16=args.bf16, quant=run.quant, lora=run.lora,
                     checkpointing=args.grad_checkpointing, labels=num_labels,
                     chunked_loss=tricks.enabled("chunked_loss"), on_gpu=run.device.type == "cuda",

@@ -11,6 +11,7 @@ optimizer step), evaluates after every epoch and saves. Everything a run needs i
 before anything is written. `python train.py --help` lists every option (nanotune/run/train_flags.py).
 """
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -191,10 +192,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     out, task, device = Path(args.out), run.task, run.device
     labels = model.config.labels if task == "classify" else None
     class_weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights else None
-
-    def compute_loss(model, batch):
-        with run.autocast():                                 # bf16 products where the hardware has them
-            return loss_sum(model, batch, task, class_weights, args.label_smoothing)
+    loss_options = dict(class_weights=class_weights, label_smoothing=args.label_smoothing)
     lengths = [len(ids) for ids in train_ids] if args.group_by_length else None
     steps_per_epoch = math.ceil(math.ceil(len(train_ids) // run.world / args.batch_size) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
@@ -232,8 +230,8 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
             if tricks.enabled("few_shapes"):                 # widths in steps of 8: a few shapes, reused
                 micro_batches = [tricks.padded_to_multiple(b, tokenizer.pad_id, model.config.context)
                                  for b in micro_batches]
-            summed, count, norm = train_step(train_model, micro_batches, optimizer, lr, compute_loss,
-                                             args.max_grad_norm, device)
+            summed, count, norm = train_step(train_model, micro_batches, optimizer, lr, task, args.max_grad_norm,
+                                             device, run.autocast, **loss_options)
             step += 1
             running.add(summed, count, micro_batches, norm, args.max_grad_norm)
             if step % 10 == 0 or step_in_epoch == len(steps) - 1:   # reading the loss waits for the device
@@ -289,10 +287,11 @@ def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0):
     return classification_loss(logits, batch["labels"], class_weights, label_smoothing) * batch["labels"].numel()
 
 
-def train_step(model, micro_batches, optimizer, lr, compute_loss, max_grad_norm, device):
+def train_step(model, micro_batches, optimizer, lr, task, max_grad_norm, device, autocast=nullcontext, **loss_options):
     """One optimizer step: chapter 1's forward, loss, backward, step and zero_grad, with gradient
-    clipping and accumulation over micro-batches. Returns the summed loss, what it sums over, and
-    the gradient's norm before clipping (None without clipping)."""
+    clipping and accumulation over micro-batches. `loss_options` go to loss_sum (class weights, label
+    smoothing); `autocast` gives bf16 products where the hardware has them. Returns the summed loss,
+    what it sums over, and the gradient's norm before clipping (None without clipping)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)         # the schedule's rate (a share of it, per depth)
     # The loss is a mean over every scored token of the whole step, not of each micro-batch: each
@@ -302,7 +301,8 @@ def train_step(model, micro_batches, optimizer, lr, compute_loss, max_grad_norm,
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         with distributed.gradient_sync(model, i == len(micro_batches) - 1):
-            summed = compute_loss(model, batch)               # forward pass and loss
+            with autocast():
+                summed = loss_sum(model, batch, task, **loss_options)     # forward pass and loss
         (summed / divisor).backward()                         # gradients add up over micro-batches
         total += summed.detach()
     norm, params = None, [p for p in model.parameters() if p.grad is not None]
@@ -359,14 +359,12 @@ def find_learning_rate(args, run, model, train_model, optimizer, tokenizer, data
     """--lr-find (nanotune/tools/lr_find.py), stepping with this file's train_step."""
     train_ids, train_labels, val_ids, val_labels = data
     labels = model.config.labels if run.task == "classify" else None
-
-    def compute_loss(model, batch):
-        with run.autocast():
-            return loss_sum(model, batch, run.task, None, args.label_smoothing)
+    class_weights = balanced_class_weights(train_labels, len(labels), run.device) if args.class_weights else None
 
     def step(indices, lr):
         batch = make_batch(run.task, train_ids, train_labels, indices, tokenizer.pad_id, run.device)
-        summed, count, _ = train_step(train_model, [batch], optimizer, lr, compute_loss, args.max_grad_norm, run.device)
+        summed, count, _ = train_step(train_model, [batch], optimizer, lr, run.task, args.max_grad_norm, run.device,
+                                      run.autocast, class_weights=class_weights, label_smoothing=args.label_smoothing)
         return float(summed) / count
     validate = lambda: validation(args, run, tokenizer, data, labels)(train_model) if val_ids else {}
     batches = batch_order(len(train_ids), args.batch_size, args.seed, 0)

@@ -8,6 +8,7 @@ so `peft.PeftModel.from_pretrained` loads them, and can be merged into plain wei
 """
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,11 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)                              # B = 0: starts as a no-op
         self.lora_dropout = Dropout(dropout)
         self.scaling = alpha / r
+        self.enabled = True                   # off inside adapters_off: the base model alone
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base_layer(x)
         update = self.lora_B(self.lora_A(self.lora_dropout(x)))        # B A x: rank r, then back to full width
         # Scaled within the addition: one full-width temporary fewer, so fewer large blocks for
         # malloc to place the small saved (..., r) tensors between (which leaves the heap in pieces).
@@ -95,6 +99,20 @@ def add_lora(model, cfg: LoRAConfig):
     if cfg.trainable_tokens:
         train_rows_only(input_embedding(model)[1], cfg.trainable_tokens)
     return model
+
+
+@contextmanager
+def adapters_off(model):
+    """The model without its adapters, for as long as the block runs: the frozen base model, which
+    preference tuning and RL use as their reference without a second copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def merge_lora(model):

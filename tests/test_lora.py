@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, make_gpt2, run_cli
 
 from nanotune import GPT2, BertClassifier, load_tokenizer
-from nanotune.lora import LoRAConfig, LoRALinear, add_lora, load_adapter, merge_lora
+from nanotune.lora import LoRAConfig, LoRALinear, adapters_off, add_lora, load_adapter, merge_lora
 from nanotune.quantize import QuantConfig, footprint_bytes
 
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -186,3 +186,17 @@ def test_bad_combinations(tmp_path, tiny_gpt2, args, pattern):
     r = run_cli("train.py", "--model", tiny_gpt2, "--data", "anecdotes_jokes.txt", "--out", tmp_path / "o", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and re.search(pattern, r.stderr), r.stderr
+
+
+def test_adapters_off_gives_the_base_model_exactly(tiny_gpt2):
+    model = GPT2.from_pretrained(tiny_gpt2).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    base = model(ids)
+    add_lora(model, LoRAConfig(targets=("c_attn", "c_proj", "c_fc"), r=4, dropout=0.0))
+    for layer in model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B.weight)              # a trained adapter: it changes the output
+    assert not torch.equal(model(ids), base)
+    with adapters_off(model):
+        assert torch.equal(model(ids), base)
+    assert not torch.equal(model(ids), base)                          # and back on after the block

@@ -58,7 +58,7 @@ def test_the_lr_range_test_restores_everything_and_suggests_a_falling_point(tiny
     rng = torch.get_rng_state()
 
     def step(lr):
-        total, count, _ = train.train_step(model, [batch], optimizer, lr, lambda m, b: train.loss_sum(m, b, "lm"), 1.0, torch.device("cpu"))
+        total, count, _ = train.train_step(model, [batch], optimizer, lr, "lm", 1.0, torch.device("cpu"))
         return float(total) / count
     result = lr_range_test(model, optimizer, step, steps=60)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())      # the weights, exactly
@@ -98,7 +98,7 @@ def test_discriminative_rates_follow_the_formula(tiny_bert):
             depth("bert.embeddings.LayerNorm.weight", 2)} == {2, 3, 0}
     ids = torch.tensor([[101, 2000, 102]])
     train.train_step(model.train(), [{"input_ids": ids, "attention_mask": None, "labels": torch.tensor([1])}], optimizer, 1e-3,
-                     lambda m, b: train.loss_sum(m, b, "classify"), 0.0, torch.device("cpu"))
+                     "classify", 0.0, torch.device("cpu"))
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["block 0"] == pytest.approx(2.5e-4)
 
 
@@ -111,7 +111,7 @@ def test_gradual_unfreezing_leaves_frozen_blocks_bit_identical(tiny_gpt2):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lowest = unfreeze_gradually(model, trainable, 0)                     # epoch 1: ln_f and the last block (block 1)
     assert lowest == 2
-    train.train_step(model, [batch], optimizer, 1e-2, lambda m, b: train.loss_sum(m, b, "lm"), 1.0,
+    train.train_step(model, [batch], optimizer, 1e-2, "lm", 1.0,
                      torch.device("cpu"))
     for name, p in model.named_parameters():
         moved = not torch.equal(before[name], p)

@@ -75,7 +75,7 @@ def test_clipping_inside_adamw_equals_clipping_then_stepping(tiny_gpt2, max_norm
         optimizer = make_optimizer(model, 1e-2, 0.1)
         assert tricks.clips_inside_adamw(optimizer)
         with plain([] if trick else ["clip_in_adamw"]):
-            norms = [train.train_step(model, [batch], optimizer, 1e-2, lambda m, b: train.loss_sum(m, b, "lm"),
+            norms = [train.train_step(model, [batch], optimizer, 1e-2, "lm",
                                       max_norm, torch.device("cpu"))[2] for _ in range(3)]
         results.append((torch.stack(norms), dict(model.named_parameters()), optimizer.state_dict()["state"]))
     (fast_norms, fast_weights, fast_moments), (plain_norms, plain_weights, plain_moments) = results

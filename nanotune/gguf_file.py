@@ -86,6 +86,7 @@ def resolve(path) -> Path:
         (staging / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         convert(path, staging)
         os.replace(staging, folder)
+        (folder / MARKER).unlink()               # finished: the folder holds the model only
     except OSError as e:
         if (folder / "config.json").is_file():   # another process finished the same conversion first
             return folder

@@ -265,6 +265,8 @@ def test_a_conversion_killed_midway_is_cleaned_by_the_next(tmp_path):
     script = f"from nanotune import gguf_file; gguf_file.resolve({str(tiny_gguf(tmp_path / 'tiny.gguf'))!r})"
     assert subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env).returncode == 0
     assert [f.name.startswith("tiny-") for f in root.iterdir()] == [True]     # the tiny file's conversion only
+    assert sorted(f.name for f in next(root.iterdir()).iterdir()) == ["config.json", "model.safetensors",
+                                                                      "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_export_gguf_leaves_nothing_in_the_cache(tmp_path, tiny_llama):

@@ -63,6 +63,19 @@ def test_the_pre_tokenizer_read_from_a_gguf_is_written_back_unchanged(tmp_path, 
     assert metadata(tmp_path / "smollm2.gguf")["tokenizer.ggml.pre"] == "smollm"
 
 
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "smollm"])
+def test_hub_tokenizers_get_the_names_llama_cpps_converter_gives_them(tmp_path, tiny_llama, name):
+    """Llama 3's and Qwen2's split rules then bytes; SmolLM's digits one by one then GPT-2's rule."""
+    folder = shutil.copytree(tiny_llama, tmp_path / "model")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": name == "smollm"}
+    first = ({"type": "Digits", "individual_digits": True} if name == "smollm" else
+             {"type": "Split", "pattern": {"Regex": gguf_file.SPLITS[name]}, "behavior": "Isolated", "invert": False})
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [first, byte_level]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    assert gguf_file.pre_tokenizer_name(load_tokenizer(folder)) == name
+
+
 def test_a_tokenizer_llama_cpp_has_no_name_for_is_refused_before_writing(tmp_path, tiny_llama):
     folder = shutil.copytree(tiny_llama, tmp_path / "model")
     spec = json.loads((folder / "tokenizer.json").read_text())

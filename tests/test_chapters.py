@@ -10,6 +10,7 @@ from conftest import DATA, ROOT, run_cli
 import train
 from nanotune import GPT2, BertClassifier, load_tokenizer
 from nanotune.data import lm_sequences, make_batch, read_examples, truncate
+from nanotune.recipes import RECIPES
 
 
 def chapter(name):
@@ -50,7 +51,8 @@ def steps_agree(model, batch, task, chapter_step, max_grad_norm):
     return ours, float(summed) / count
 
 
-@pytest.mark.parametrize("name, clip", [("ch1_introduction", 0.0), ("ch2_trainer_recipe", 1.0), ("ch5_mixing_data", 0.0)])
+@pytest.mark.parametrize("name, clip", [("ch1_introduction", 0.0), ("ch2_trainer_recipe", 1.0),
+                                        ("ch5_mixing_data", 0.0)])
 def test_a_language_model_chapter_steps_as_train_py_does(tiny_gpt2, name, clip):
     module, model, tokenizer = chapter(name), GPT2.from_pretrained(tiny_gpt2).train(), load_tokenizer(tiny_gpt2)
     texts = [e["text"] for e in read_examples(DATA / "anecdotes_jokes.txt")[:6]]
@@ -81,3 +83,36 @@ def test_each_chapter_runs_top_to_bottom(tiny_gpt2, tiny_bert, name, args):
     r = run_cli(f"chapters/{name}.py", "--model", model, *args)
     assert r.returncode == 0, r.stderr
     assert "epoch 1: " in r.stdout or "step 10/" in r.stdout, r.stdout
+
+
+# ---- each script runs top to bottom, with its chapter's numbers, and learns -----------------------
+
+def settings(stdout):
+    """The `settings: lr=... epochs=...` line a chapter script prints, as {name: text}."""
+    line = next(line for line in stdout.splitlines() if line.startswith("settings: "))
+    return dict(pair.split("=") for pair in line.removeprefix("settings: ").split())
+
+
+def assert_recipe(stdout, name, **instead):
+    """Every setting the script printed is its recipe's (or, where the model is too small for the
+    recipe's length, the model's)."""
+    shown = settings(stdout)
+    assert shown, stdout
+    for key, text in shown.items():
+        expected = instead.get(key, RECIPES[name][key])
+        assert type(expected)(text) == expected if not isinstance(expected, bool) else text == str(expected), key
+
+
+def epoch_losses(stdout, word="loss"):
+    return [float(line.split(f"{word} ")[1].split(",")[0]) for line in stdout.splitlines()
+            if line.startswith("epoch ") and f"{word} " in line]
+
+
+def test_ch1_shows_the_attention_mask_and_learns(tiny_gpt2, capsys):
+    chapter("ch1_introduction").main(["--model", str(tiny_gpt2), "--data", str(DATA / "anecdotes_jokes.txt")])
+    out = capsys.readouterr().out
+    assert_recipe(out, "ch1", max_length=64)                     # the tiny model reads 64 positions, not 512
+    ids, mask = (eval(line.split(":", 1)[1]) for line in out.splitlines()[:2])
+    assert len(ids) == len(mask) and 0 in mask and mask == sorted(mask, reverse=True)   # real tokens, then padding
+    losses = epoch_losses(out)
+    assert len(losses) == RECIPES["ch1"]["epochs"] and losses[-1] < losses[0], out

@@ -46,7 +46,7 @@ class Request:
             for j in range(n):
                 generator = torch.Generator()
                 if seed is not None:       # each choice its own stream, so its tokens do not depend on who else runs
-                    generator.manual_seed(seed * 1_000_003 + i * n + j)
+                    generator.manual_seed((seed * 1_000_003 + i * n + j) % 2**64)     # torch takes 64 bits
                 else:
                     generator.seed()
                 self.sequences.append(Sequence(self, i * n + j, prompt, generator))

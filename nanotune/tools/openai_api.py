@@ -46,7 +46,7 @@ def settings(body, default_max_tokens, chat=False):
          "n": field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"a whole number from 1 to {MAX_N}"),
          "stop": [stop] if isinstance(stop, str) else stop,
          "seed": field(body, "seed", int, None, lambda v: 0 <= v < 2**63, "a whole number >= 0"),
-         "stream": field(body, "stream", bool, False),
+         "stream": field(body, "stream", bool, False, allowed="true or false"),
          "logprobs": None}
     if not chat:
         s["logprobs"] = field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "a whole number from 0 to 5")
@@ -110,6 +110,10 @@ def check_size(prompts, s, context, max_batch):
                                 f" {s['n']}); the server decodes at most {max_batch} at once (--max-batch): send fewer"
                                 " prompts or a smaller n", param="n")
     longest = max(map(len, prompts))
+    if longest >= context:
+        raise RequestError(400, f"the prompt is {longest} tokens long; this model's context is {context} tokens, and"
+                                " the prompt must leave room for at least one new token: shorten it",
+                           param="prompt", code="context_length_exceeded")
     if longest + s["max_tokens"] > context:
         raise RequestError(400, f"this model's context is {context} tokens; the prompt has {longest} and 'max_tokens'"
                                 f" asks for {s['max_tokens']} more: lower 'max_tokens' to {max(context - longest, 0)}"

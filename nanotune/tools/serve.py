@@ -79,6 +79,11 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
             raise api.RequestError(400, "the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise api.RequestError(400, "the body must be a JSON object")
+        try:                  # JSON's \ud800 escapes can make a lone surrogate, which no tokenizer (or UTF-8) takes
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise api.RequestError(400, "a string in the body holds a lone UTF-16 surrogate (such as \\ud800),"
+                                        " which is not a character: send valid Unicode") from None
         if body.get("model") not in (None, model_id):
             raise api.RequestError(404, f"model {body['model']!r} is not served here; this server serves {model_id!r}",
                                    param="model", code="model_not_found")

@@ -85,6 +85,16 @@ def parser():
                    help="--serve: require 'Authorization: Bearer KEY' (default: $NANOTUNE_API_KEY if set)")
     g.add_argument("--max-batch", type=whole_number(1, 256), default=32,
                    help="--serve: most sequences decoded together")
+    g.add_argument("--max-connections", type=whole_number(1),
+                   help="--serve: most connections open at once; the others wait to be accepted (default: half the"
+                        " open-file limit, ulimit -n, at most 1000)")
+    g.add_argument("--header-timeout", type=number(0, low_open=True), default=10.0, metavar="SECONDS",
+                   help="--serve: a request's header must arrive within this time, else 408")
+    g.add_argument("--body-timeout", type=number(0, low_open=True), default=30.0, metavar="SECONDS",
+                   help="--serve: a request's body must arrive within this time of its header, else 408")
+    g.add_argument("--grace-period", type=number(0), default=30.0, metavar="SECONDS",
+                   help="--serve: after Ctrl-C or SIGTERM, the requests in flight have this long to finish; a second"
+                        " signal stops at once")
     g.add_argument("--export-onnx", metavar="FILE", type=text("a file name"),
                    help="write the model as ONNX (adapters merged first) and check it with onnxruntime")
     g.add_argument("--export-gguf", metavar="FILE", type=text("a file name"),

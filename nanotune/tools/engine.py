@@ -93,8 +93,12 @@ class Engine:
             self.waiting.extend(request.sequences)
             self.wake.notify()
 
-    def stop(self):
+    def stop(self, cancel=False):
+        """Finish every request (cancel=True: drop them) and end the loop."""
         with self.wake:
+            if cancel:
+                for s in self.running + list(self.waiting):
+                    s.request.cancelled = True
             self.stopping = True
             self.wake.notify()
         self.thread.join()
@@ -112,6 +116,10 @@ class Engine:
                     newcomers = [self.waiting.popleft() for _ in range(min(len(self.waiting), free))]
                 try:
                     for s in newcomers:
+                        if s.request.cancelled:          # its client left while it waited
+                            s.finish_reason = "cancelled"
+                            s.request.emit("done", s)
+                            continue
                         self.admit(s)                    # prefill, then join the running batch
                     self.retire()                        # (a first token can end a sequence)
                     if self.running:

@@ -25,6 +25,7 @@ import torch
 from ..errors import NanotuneError
 from . import openai_api as api
 from .engine import Engine, Request
+from .http_server import Limits, Server, open_file_limit
 
 MAX_BODY = 1 << 20               # bytes of JSON a request may send
 
@@ -40,6 +41,7 @@ def check_installed():
 def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, continuous=True):
     """The Starlette application, and its engine (None for a classifier)."""
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
     is_lm = hasattr(model, "lm_head")
@@ -65,12 +67,17 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
         if given is not None and int(given) > MAX_BODY:
             raise api.RequestError(413, f"the body is {int(given):,} bytes; the limit is {MAX_BODY:,}",
                                    code="request_too_large")
-        raw = b""
-        async for piece in request.stream():
-            raw += piece
-            if len(raw) > MAX_BODY:
-                raise api.RequestError(413, f"the body is over the limit of {MAX_BODY:,} bytes",
-                                       code="request_too_large")
+        pieces, size = [], 0
+        try:
+            async for piece in request.stream():
+                pieces.append(piece)
+                size += len(piece)
+                if size > MAX_BODY:
+                    raise api.RequestError(413, f"the body is over the limit of {MAX_BODY:,} bytes",
+                                           code="request_too_large")
+        except ClientDisconnect:                        # gone, or closed by a time limit (http_server.py)
+            raise api.RequestError(499, "the client went away before its body was in") from None
+        raw = b"".join(pieces)
         try:
             body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -205,9 +212,15 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}), engine
 
 
-def serve(model, tokenizer, model_id, host="127.0.0.1", port=8000, api_key=None, max_batch=32, template=None):
-    """Serve until Ctrl-C (or SIGTERM); then finish the requests in flight and return."""
+def serve(model, tokenizer, model_id, host, port, api_key, flags, template=None):
+    """Serve until Ctrl-C (or SIGTERM); then finish the requests in flight within the grace period
+    and return. `flags`: generate.py's, for --max-batch and the limits of http_server.py."""
     import uvicorn
+    limits = Limits(flags.header_timeout, flags.body_timeout, flags.max_connections or 0, flags.grace_period)
+    if limits.max_connections > open_file_limit() - 64:
+        raise NanotuneError(f"--max-connections {limits.max_connections} would leave too few of the process's"
+                            f" {open_file_limit()} open files (ulimit -n) for everything else: lower it, or raise"
+                            " the limit")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -218,11 +231,15 @@ def serve(model, tokenizer, model_id, host="127.0.0.1", port=8000, api_key=None,
         sock.close()
         raise NanotuneError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program may be using the"
                             " port; choose another --port, or --port 0 for any free one") from None
-    application, engine = app(model, tokenizer, model_id, api_key, max_batch, template)
+    application, engine = app(model, tokenizer, model_id, api_key, flags.max_batch, template)
     bound = sock.getsockname()
     print(f"serving {model_id} on http://{bound[0]}:{bound[1]}/v1 ({'completions' if engine else 'classify'};"
           f" {'an API key is required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
-    server = uvicorn.Server(uvicorn.Config(application, log_level="warning", timeout_graceful_shutdown=None))
+    print(f"limits: {limits.max_connections} connections open at once (--max-connections), a request's header"
+          f" within {limits.header_timeout:g} s and its body within {limits.body_timeout:g} s (--header-timeout,"
+          f" --body-timeout), {limits.grace_period:g} s to finish after Ctrl-C or SIGTERM (--grace-period)",
+          flush=True)
+    server = Server(uvicorn.Config(application, log_level="warning"), limits)
     previous = signal.signal(signal.SIGTERM, _interrupt)        # uvicorn raises it again once it has finished
     try:
         server.run(sockets=[sock])
@@ -231,8 +248,12 @@ def serve(model, tokenizer, model_id, host="127.0.0.1", port=8000, api_key=None,
     finally:
         signal.signal(signal.SIGTERM, previous)
         if engine is not None:
-            engine.stop()
-    print("stopped: every request in flight was answered", flush=True)
+            engine.stop(cancel=True)                          # what is left has no one waiting for it
+    if server.cut_short:
+        print(f"stopped: {server.cut_short} request(s) still in flight after the grace period were cut off",
+              flush=True)
+    else:
+        print("stopped: every request in flight was answered", flush=True)
     return 0
 
 

@@ -178,11 +178,13 @@ class Server(uvicorn.Server):
             await asyncio.sleep(0.05)
         self.cut_short = len(tasks)
         for connection in list(connections):
-            connection.transport.abort()
+            connection.transport.abort()                # their handlers see the client gone, and end
+        deadline = loop.time() + 1
+        while tasks and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         for task in list(tasks):
             task.cancel()
-        if not self.force_exit:
-            await self.lifespan.shutdown()
+        await self.lifespan.shutdown()
 
     def handle_exit(self, sig, frame):
         if self.should_exit:

@@ -128,7 +128,13 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
             s = api.settings(body, 16)
         api.check_size(prompts, s, model.config.context, max_batch)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        work = Request(prompts, s, lambda kind, seq: loop.call_soon_threadsafe(events.put_nowait, (kind, seq)))
+
+        def emit(kind, seq):                            # from the engine's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, seq))
+            except RuntimeError:                        # the loop has closed: the server stopped, no one waits
+                work.cancelled = True
+        work = Request(prompts, s, emit)
         engine.submit(work)
         request_id, created = api.new_id(chat)
         if s["stream"]:

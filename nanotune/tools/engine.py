@@ -26,12 +26,40 @@ from .. import tricks
 from ..generation import next_tokens
 
 
+class Detokenizer:
+    """A sequence's text, grown a token at a time. Decoding every token again at every step costs
+    the square of the length; here each step decodes only a short window: from the start of the
+    previous token's text (so that a tokenizer which drops the space before a text's first word
+    still sees a word before it) to the new token. A token that is half of a character (byte-level
+    BPE splits some) adds nothing until the token that completes it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids = tokenizer, []
+        self.text, self.held = "", ""      # the text of complete characters; the decoded tail still incomplete
+        self.start = self.done = 0         # ids[start:done]: the previous token's text, already in self.text
+
+    def add(self, token):
+        """The text that `token` completes ("" while a character is still incomplete)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.start:self.done])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        if after.endswith("\ufffd") and len(self.ids) - self.done < 4:    # a character is at most 4 bytes
+            self.held = after[len(before):]
+            return ""
+        piece, self.held = after[len(before):], ""
+        self.text += piece
+        self.start, self.done = self.done, len(self.ids)
+        return piece
+
+
 class Sequence:
-    """One choice being decoded: its prompt, its settings, the tokens so far and why it ended."""
+    """One choice being decoded: its prompt, its settings, the tokens so far, their text (and each
+    token's share of it when log-probabilities are asked for) and why it ended."""
 
     def __init__(self, request, index, prompt, generator):
         self.request, self.index, self.prompt, self.generator = request, index, prompt, generator
-        self.tokens, self.text, self.finish_reason, self.logprobs = [], "", None, []
+        self.tokens, self.text, self.finish_reason, self.logprobs, self.pieces = [], "", None, [], []
+        self.decoded = None                # a Detokenizer, from the engine
 
 
 class Request:
@@ -134,6 +162,7 @@ class Engine:
     def admit(self, s):
         """Run the prompt alone, keep its keys and values in a free slot, draw the first token."""
         from ..generation import KVCache
+        s.decoded = Detokenizer(self.tokenizer)
         ids = torch.tensor([s.prompt], device=self.device)
         cache = KVCache(self.layers, self.heads, self.head_size, 1, len(s.prompt), self.device, self.dtype)
         hidden = self.model.hidden_states(ids, None, None, cache)
@@ -198,8 +227,14 @@ class Engine:
             return
         s.tokens.append(token)
         self.pending[slot] = token
-        text = self.tokenizer.decode(s.tokens)
-        cut = min((text.find(x) for x in settings["stop"] if x in text), default=-1)
+        seen = len(s.decoded.text)
+        piece = s.decoded.add(token)
+        if settings.get("logprobs") is not None:
+            s.pieces.append(piece)
+        text = s.decoded.text + s.decoded.held
+        # a stop string not found before ends in the new text: look only there
+        found = [text.find(x, max(0, seen - len(x) + 1)) for x in settings["stop"]]
+        cut = min((i for i in found if i >= 0), default=-1)
         s.text = text if cut < 0 else text[:cut]
         if cut >= 0:
             s.finish_reason = "stop"

@@ -1,6 +1,7 @@
 """The OpenAI API's wire format, for the server: requests checked field by field (types, ranges,
 sizes) with OpenAI-style error objects, and responses and stream chunks in the shapes the `openai`
 client reads, for /v1/completions and /v1/chat/completions."""
+import itertools
 import json
 import secrets
 import time
@@ -163,14 +164,18 @@ def chunk(model_id, chat, request_id, created, index, text, finish=None, first=F
 
 def logprobs(s, tokenizer):
     """OpenAI's logprobs object for a completion: each token's text, its log-probability and the
-    likeliest alternatives, and where each token's text starts."""
+    likeliest alternatives, and where each token's text starts. Each token's share of the text
+    comes from the engine (a token that is half a character gets "", the one completing it the
+    character): the shares join to the text."""
     if s.request.settings["logprobs"] is None:
         return None
     kept = s.logprobs[:len(s.tokens)]
-    tokens = token_texts([t for t, _, _ in kept], tokenizer)
+    tokens = s.pieces[:len(kept)]
+    if tokens:                                   # what is still held at the end belongs to the last token
+        tokens[-1] += s.decoded.held
     return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in kept],
             "top_logprobs": [alternatives(top, tokenizer) for _, _, top in kept],
-            "text_offset": [sum(map(len, tokens[:i])) for i in range(len(tokens))]}
+            "text_offset": [0, *itertools.accumulate(map(len, tokens[:-1]))] if tokens else []}
 
 
 def alternatives(top, tokenizer):
@@ -183,19 +188,3 @@ def alternatives(top, tokenizer):
             text = tokenizer.tokenizer.id_to_token(i)
         shown[text] = value
     return shown
-
-
-def token_texts(ids, tokenizer):
-    """Each token's share of the decoded text: they join to the text. A token that is half of a
-    character (byte-level BPE splits some) gets "" and the token that completes it the character."""
-    texts, done = [], ""
-    for i in range(len(ids)):
-        text = tokenizer.decode(ids[:i + 1])
-        if text.endswith("\ufffd"):
-            texts.append("")
-            continue
-        texts.append(text[len(done):])
-        done = text
-    if texts:                                    # what is still held at the end belongs to the last token
-        texts[-1] += tokenizer.decode(ids)[len(done):]
-    return texts

@@ -47,7 +47,7 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
     is_lm = hasattr(model, "lm_head")
     stops = (template.stop_ids() if template else {tokenizer.eos_id}) - {None}
     engine = Engine(model, tokenizer, max_batch, stops, continuous) if is_lm else None
-    started = int(time.time())
+    started, classifying = int(time.time()), asyncio.Lock()
     card = {"id": model_id, "object": "model", "created": started, "owned_by": "nanotune"}
 
     def error(e):
@@ -146,7 +146,8 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
             if kind == "error":
                 raise api.RequestError(500, payload, kind="server_error")
             left -= kind == "done"
-        return JSONResponse(api.response(work, model_id, chat, request_id, created, tokenizer))
+        answer = await asyncio.to_thread(api.response, work, model_id, chat, request_id, created, tokenizer)
+        return JSONResponse(answer)                    # (built in a thread: logprobs decode every alternative)
 
     async def next_event(events, request, work):
         """The engine's next event; a client that went away cancels its sequences (their places free up)."""
@@ -195,15 +196,23 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
                 or not all(isinstance(t, str) and t.strip() for t in texts)):
             raise api.RequestError(400, "'input' must be a non-empty string or a list of 1 to 256 non-empty strings",
                                    param="input")
-        ids, mask = tokenizer(texts, max_length=model.config.max_position_embeddings)
-        with torch.inference_mode():
-            probs = model(ids, mask).float().softmax(-1)
+        async with classifying:                         # one request's batches at a time, each in a worker thread
+            probs, tokens = [], 0
+            for start in range(0, len(texts), max_batch):
+                p, n = await asyncio.to_thread(classify_batch, texts[start:start + max_batch])
+                probs.append(p)
+                tokens += n
         labels = model.config.labels
         data = [{"index": i, "label": labels[int(p.argmax())], "probabilities": dict(zip(labels, p.tolist()))}
-                for i, p in enumerate(probs)]
-        tokens = int(mask.sum())
+                for i, p in enumerate(torch.cat(probs))]
         return JSONResponse({"object": "list", "model": model_id, "data": data,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def classify_batch(texts):
+        """Up to --max-batch texts through the classifier, off the event loop: (probabilities, tokens)."""
+        ids, mask = tokenizer(texts, max_length=model.config.max_position_embeddings)
+        with torch.inference_mode():
+            return model(ids, mask).float().softmax(-1), int(mask.sum())
 
     async def not_found(request, exc):
         return error(api.RequestError(404, f"no route {request.method} {request.url.path}: this server has GET"

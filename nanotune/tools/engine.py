@@ -48,7 +48,9 @@ class Detokenizer:
             return ""
         piece, self.held = after[len(before):], ""
         self.text += piece
-        self.start, self.done = self.done, len(self.ids)
+        # bytes that never made a character (4 tokens on) stay out of the next window: had they
+        # formed one with what follows, the window would no longer begin with its previous text
+        self.start, self.done = len(self.ids) if after.endswith("\ufffd") else self.done, len(self.ids)
         return piece
 
 

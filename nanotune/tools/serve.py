@@ -23,6 +23,7 @@ import time
 import torch
 
 from ..errors import NanotuneError
+from ..run.memory import free_memory
 from . import openai_api as api
 from .engine import Engine, Request
 from .http_server import Limits, Server, open_file_limit
@@ -38,15 +39,16 @@ def check_installed():
                             " project's [serve] extra)")
 
 
-def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, continuous=True):
-    """The Starlette application, and its engine (None for a classifier)."""
+def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, continuous=True, cache_budget=None):
+    """The Starlette application, and its engine (None for a classifier). cache_budget: bytes the
+    key/value cache may take (None: no limit)."""
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
     is_lm = hasattr(model, "lm_head")
     stops = (template.stop_ids() if template else {tokenizer.eos_id}) - {None}
-    engine = Engine(model, tokenizer, max_batch, stops, continuous) if is_lm else None
+    engine = Engine(model, tokenizer, max_batch, stops, continuous, cache_budget) if is_lm else None
     started, classifying = int(time.time()), asyncio.Lock()
     card = {"id": model_id, "object": "model", "created": started, "owned_by": "nanotune"}
 
@@ -127,6 +129,16 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
             prompts = api.completion_prompts(body, tokenizer, model.config.vocab_size)
             s = api.settings(body, 16)
         api.check_size(prompts, s, model.config.context, max_batch)
+        positions = max(map(len, prompts)) + s["max_tokens"]
+        needs = positions * engine.position_bytes
+        if needs > engine.budget:                                      # it could never start: say so now
+            most = engine.budget // engine.position_bytes - (positions - s["max_tokens"])
+            raise api.RequestError(400, f"a sequence of this request needs {size_text(needs)}"
+                                        f" of key/value cache ({positions} positions), more than the server's budget"
+                                        f" of {size_text(engine.budget)} (--cache-budget): "
+                                        + (f"lower 'max_tokens' to {int(most)} or less" if most >= 1
+                                           else "send a shorter prompt"), param="max_tokens",
+                                   code="cache_budget_exceeded")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(kind, seq):                            # from the engine's thread
@@ -246,7 +258,11 @@ def serve(model, tokenizer, model_id, host, port, api_key, flags, template=None)
         sock.close()
         raise NanotuneError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program may be using the"
                             " port; choose another --port, or --port 0 for any free one") from None
-    application, engine = app(model, tokenizer, model_id, api_key, flags.max_batch, template)
+    budget = flags.cache_budget
+    if budget is None and hasattr(model, "lm_head"):
+        free = free_memory(model.lm_head.weight.device)
+        budget = free // 2 if free else None
+    application, engine = app(model, tokenizer, model_id, api_key, flags.max_batch, template, cache_budget=budget)
     bound = sock.getsockname()
     print(f"serving {model_id} on http://{bound[0]}:{bound[1]}/v1 ({'completions' if engine else 'classify'};"
           f" {'an API key is required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
@@ -254,6 +270,10 @@ def serve(model, tokenizer, model_id, host, port, api_key, flags, template=None)
           f" within {limits.header_timeout:g} s and its body within {limits.body_timeout:g} s (--header-timeout,"
           f" --body-timeout), {limits.grace_period:g} s to finish after Ctrl-C or SIGTERM (--grace-period)",
           flush=True)
+    if engine is not None:
+        print(f"key/value cache: at most {size_text(budget) if budget else 'no limit'} at once ("
+              + ("--cache-budget" if flags.cache_budget else "half the memory available now; --cache-budget changes it")
+              + "); requests wait for room, one that could never fit is refused", flush=True)
     server = Server(uvicorn.Config(application, log_level="warning"), limits)
     previous = signal.signal(signal.SIGTERM, _interrupt)        # uvicorn raises it again once it has finished
     try:
@@ -270,6 +290,10 @@ def serve(model, tokenizer, model_id, host, port, api_key, flags, template=None)
     else:
         print("stopped: every request in flight was answered", flush=True)
     return 0
+
+
+def size_text(n):
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
 def _interrupt(signum, frame):

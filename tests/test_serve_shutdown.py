@@ -2,6 +2,7 @@
 then the server stops even if a client holds a half-sent body; a second signal stops it at once."""
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -9,6 +10,16 @@ from test_serve import KEY, greedy_alone, request, start_server
 
 HALF_SENT = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer "
              + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+
+
+def stopped(proc, seconds=60):
+    """The server's output once it has stopped by itself; killed (and the test failed) if it has not."""
+    try:
+        return proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"the server was still running {seconds} s after the signal") from None
 
 
 def test_sigterm_answers_the_requests_in_flight_then_stops_despite_a_half_sent_body(tiny_gpt2):
@@ -21,7 +32,7 @@ def test_sigterm_answers_the_requests_in_flight_then_stops_despite_a_half_sent_b
     asking.start()
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)              # it hung here for ever before the grace period
+    out, err = stopped(proc)                             # it hung here for ever before the grace period
     asking.join()
     holder.close()
     assert proc.returncode == 0 and "Traceback" not in err, err
@@ -39,6 +50,6 @@ def test_a_second_signal_stops_at_once(tiny_gpt2):
     time.sleep(1)
     assert proc.poll() is None                          # still waiting for the half-sent body: within the grace
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = stopped(proc)
     holder.close()
     assert proc.returncode == 0 and "Traceback" not in err, err

@@ -9,9 +9,11 @@
     GET  /health                {"status": "ok"} while the server takes requests
 
 The requests' sequences are decoded together by engine.py (continuous batching). The HTTP itself is
-uvicorn and Starlette (the `serve` extra): keep-alive, chunked bodies, server-sent events and a
-graceful shutdown that finishes the requests in flight; here only the routes, the API key and the
-checks on every body (size, JSON, fields) are nanotune's.
+uvicorn and Starlette (the `serve` extra): keep-alive, chunked bodies, server-sent events; its
+limits for slow or hostile clients and the grace period on shutdown are http_server.py's; here
+only the routes, the API key and the checks on every body (size, JSON, fields, valid Unicode) are
+nanotune's. Nothing slow runs on the event loop: the engine decodes in its own thread, and a
+classifier's forward passes run in a worker thread.
 """
 import asyncio
 import json

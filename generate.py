@@ -44,7 +44,7 @@ def main(args):
         return export.run_gguf(model, tokenizer, args.export_gguf, args.gguf_type)
     if args.serve:                                         # an OpenAI-style HTTP server
         return serve.serve(model, tokenizer, args.model or "out", args.host, args.port,
-                           args.api_key or os.environ.get("NANOTUNE_API_KEY"), args.max_batch, template)
+                           args.api_key or os.environ.get("NANOTUNE_API_KEY"), args, template)
     if args.eval:                                          # scores on a file; --compare: beside full precision
         scores = quantization_error.compare if args.compare else lambda a, m, t, *_: evaluate_file(a, m, t)
         return show(args, *scores(args, model, tokenizer, base, device))

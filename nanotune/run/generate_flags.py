@@ -1,9 +1,26 @@
 """generate.py's command line: every flag, checked as it is read."""
+import argparse
+
 import torch
 
 from .cli import ArgumentParser, add_plain_flag, device, number, text, whole_number
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def size(value):
+    """A number of bytes: 2GB, 512MB, 64KB or plain bytes."""
+    units = {"GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
+    text = value.strip().upper()
+    unit = next((u for u in units if text.endswith(u)), "B")
+    try:
+        n = float(text[:len(text) - len(unit)] if text.endswith(unit) else text) * units[unit]
+    except ValueError:
+        n = 0
+    if not n >= 1 or n == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size: give a number of bytes with a unit, such as 2GB,"
+                                         " 512MB or 64KB")
+    return int(n)
 
 
 def parser():
@@ -85,6 +102,19 @@ def parser():
                    help="--serve: require 'Authorization: Bearer KEY' (default: $NANOTUNE_API_KEY if set)")
     g.add_argument("--max-batch", type=whole_number(1, 256), default=32,
                    help="--serve: most sequences decoded together")
+    g.add_argument("--cache-budget", type=size, metavar="SIZE",
+                   help="--serve: most memory the key/value cache may take, such as 2GB or 512MB (1 KB = 1024"
+                        " bytes); requests wait until theirs fits (default: half the memory available at start)")
+    g.add_argument("--max-connections", type=whole_number(1),
+                   help="--serve: most connections open at once; the others wait to be accepted (default: half the"
+                        " open-file limit, ulimit -n, at most 1000)")
+    g.add_argument("--header-timeout", type=number(0, low_open=True), default=10.0, metavar="SECONDS",
+                   help="--serve: a request's header must arrive within this time, else 408")
+    g.add_argument("--body-timeout", type=number(0, low_open=True), default=30.0, metavar="SECONDS",
+                   help="--serve: a request's body must arrive within this time of its header, else 408")
+    g.add_argument("--grace-period", type=number(0), default=30.0, metavar="SECONDS",
+                   help="--serve: after Ctrl-C or SIGTERM, the requests in flight have this long to finish; a second"
+                        " signal stops at once")
     g.add_argument("--export-onnx", metavar="FILE", type=text("a file name"),
                    help="write the model as ONNX (adapters merged first) and check it with onnxruntime")
     g.add_argument("--export-gguf", metavar="FILE", type=text("a file name"),

@@ -4,8 +4,7 @@ import json
 import shutil
 
 import pytest
-import torch
-from conftest import DATA, ROOT, make_gpt2, make_llama, run_cli, smollm2_gguf
+from conftest import DATA, make_gpt2, make_llama, run_cli, smollm2_gguf
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -36,6 +35,12 @@ def tiny(request, tmp_path_factory, bpe_dir):
     return hub_folder(make(tmp_path_factory.mktemp(f"lm-eval-{request.param}"), bpe_dir))
 
 
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, bpe_dir):
+    """One model for the tests that run generate.py (a process each: one architecture is enough)."""
+    return hub_folder(make_llama(tmp_path_factory.mktemp("lm-eval-run"), bpe_dir))
+
+
 def pair(folder, batch_size=3):
     """(nanotune's model in lm-eval, lm-eval's `hf` model) on the same folder, in float32."""
     ours = as_lm(load_model(folder), load_tokenizer(folder), batch_size=batch_size)
@@ -48,7 +53,7 @@ def task_requests(names, limit):
     requests = []
     for task in manager.load_task_or_group(names).values():
         task.build_all_requests(limit=limit, rank=0, world_size=1)
-        requests += [i for i in task.instances]
+        requests += task.instances
     return requests
 
 
@@ -66,7 +71,7 @@ def test_loglikelihoods_equal_hf(tiny):
 
 def test_generate_until_equals_hf_and_is_batched(tiny):
     ours, hf = pair(tiny, batch_size=2)
-    requests = [i for i in task_requests(["nanotune_sentiment"], limit=3)]
+    requests = task_requests(["nanotune_sentiment"], limit=3)
     requests += [Instance("generate_until", {}, (c, {"until": ["."], "max_gen_toks": 6, "do_sample": False}), i)
                  for i, c in enumerate(["The soup was cold and", "A", "My grandfather kept a jar"])]
     got = ours.generate_until(requests)
@@ -90,45 +95,47 @@ def test_rolling_uses_evals_windows(tmp_path, bpe_dir):
         assert r["tokens_scored"] == len(ids) - 1                 # every token of the text once
 
 
-def test_generate_until_equals_generate_py(tiny):
+def test_generate_until_equals_generate_py(llama_run):
     prompt = "The soup was cold and"
-    done = run_cli("generate.py", "--model", tiny, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", 8)
+    done = run_cli("generate.py", "--model", llama_run, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", 8)
     assert done.returncode == 0, done.stderr
-    ours = as_lm(load_model(tiny), load_tokenizer(tiny))
+    ours = as_lm(load_model(llama_run), load_tokenizer(llama_run))
     text = ours.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 8}), 0)])[0]
     assert done.stdout == prompt + text + "\n"
 
 
-def test_cli_shipped_tasks_score_as_hf(tiny, tmp_path):
+def test_cli_shipped_tasks_score_as_hf(llama_run, tmp_path):
     """generate.py --lm-eval on the shipped folder of tasks: lm-eval's results JSON beside the model,
     its table printed, and the accuracies lm-eval's `hf` model gets on the same folder."""
     from lm_eval import simple_evaluate
     folder = tmp_path / "run"
-    shutil.copytree(tiny, folder)
-    done = run_cli("generate.py", "--model", folder, "--lm-eval", TASKS, "--limit", 8, "--batch-size", 4)
+    shutil.copytree(llama_run, folder)
+    done = run_cli("generate.py", "--model", folder, "--lm-eval", TASKS, "--limit", 4, "--batch-size", 4)
     assert done.returncode == 0, done.stderr
     assert "nanotune_jokes" in done.stdout and "exact_match" in done.stdout
     ours = json.loads((folder / "lm_eval_results.json").read_text())["results"]
     names, manager = find_tasks(str(TASKS))
     theirs = simple_evaluate(model=HFLM(pretrained=str(folder), dtype="float32", batch_size=4, device="cpu"),
-                             tasks=names, task_manager=manager, limit=8, verbosity="ERROR")["results"]
+                             tasks=names, task_manager=manager, limit=4, verbosity="ERROR")["results"]
     for task, metric in [("nanotune_jokes", "acc,none"), ("nanotune_jokes", "acc_norm,none"),
                          ("nanotune_sentiment", "exact_match,first_word")]:
         assert ours[task][metric] == theirs[task][metric]
 
 
-def test_hub_task_offline_exits_2(tiny, tmp_path):
-    (tmp_path / "hub_only.yaml").write_text("task: hub_only\ndataset_path: Rowan/hellaswag\noutput_type: multiple_choice\n"
-                                            "test_split: validation\ndoc_to_text: '{{ctx}}'\n"
-                                            "doc_to_choice: '{{endings}}'\ndoc_to_target: '{{label}}'\n")
-    done = run_cli("generate.py", "--model", tiny, "--lm-eval", tmp_path / "hub_only.yaml")
+def test_hub_task_offline_exits_2(llama_run, tmp_path):
+    """A task whose data are HellaSwag's on the Hub, with the Hub unreachable (conftest: HF_HUB_OFFLINE)."""
+    (tmp_path / "hub_only.yaml").write_text("task: hub_only\ndataset_path: Rowan/hellaswag\n"
+                                            "output_type: multiple_choice\ntest_split: validation\n"
+                                            "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\n"
+                                            "doc_to_target: '{{label}}'\n")
+    done = run_cli("generate.py", "--model", llama_run, "--lm-eval", tmp_path / "hub_only.yaml")
     assert done.returncode == 2
     assert done.stderr.startswith("error: hub_only: a task's data are on the Hugging Face Hub")
     assert len(done.stderr.strip().splitlines()) == 1 and not done.stdout
 
 
-def test_bad_task_names_exit_2(tiny, tmp_path):
-    done = run_cli("generate.py", "--model", tiny, "--lm-eval", tmp_path / "missing.yaml")
+def test_bad_task_names_exit_2(llama_run, tmp_path):
+    done = run_cli("generate.py", "--model", llama_run, "--lm-eval", tmp_path / "missing.yaml")
     assert done.returncode == 2 and "no such file" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
@@ -146,7 +153,7 @@ def test_smollm2_equals_hf(smollm2):
     template (lm-eval's --apply_chat_template) as transformers' tokenizer writes them."""
     ours, hf = pair(smollm2, batch_size=4)
     ours.template = None
-    requests = task_requests(["nanotune_jokes"], limit=2) + [Instance("loglikelihood", {}, r, i)
+    requests = task_requests(["nanotune_jokes"], limit=1) + [Instance("loglikelihood", {}, r, i)
                                                              for i, r in enumerate(REQUESTS)]
     for (a, greedy_a), (b, greedy_b) in zip(ours.loglikelihood(requests), hf.loglikelihood(requests)):
         assert abs(a - b) < 1e-4 and greedy_a == greedy_b
@@ -157,4 +164,3 @@ def test_smollm2_equals_hf(smollm2):
     prompt = ours.apply_chat_template(chat)
     request = [Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 6}), 0)]
     assert ours.generate_until(request) == hf.generate_until(request)
-    assert torch.is_tensor(ours.model.lm_head.weight)

@@ -13,6 +13,7 @@ scores are the ones other people report. lm-eval is an optional extra (pip insta
 nothing is imported from it until a run asks for it.
 """
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def find_tasks(spec):
         path = Path(item).expanduser()
         if path.is_dir():
             folders.append(str(path))
-            names += [task_name(y) for y in sorted(path.glob("*.yaml"))]
+            names += [n for n in (task_name(y, required=False) for y in sorted(path.glob("*.yaml"))) if n]
         elif path.is_file() or item.endswith((".yaml", ".yml")):
             if not path.is_file():
                 raise NanotuneError(f"--lm-eval {item}: no such file")
@@ -198,11 +199,14 @@ def find_tasks(spec):
     return names, manager
 
 
-def task_name(yaml_path):
-    """The `task:` of a task YAML, read without lm-eval's loader (its `!function` tags need it)."""
+def task_name(yaml_path, required=True):
+    """The `task:` of a task YAML, read without lm-eval's loader (its `!function` tags need it); None
+    for another YAML in a folder of tasks (a group, a template others include)."""
     for line in Path(yaml_path).read_text(encoding="utf-8").splitlines():
         if line.startswith("task:"):
             return line.split(":", 1)[1].strip().strip("\"'")
+    if not required:
+        return None
     raise NanotuneError(f"{yaml_path} has no `task:` line: it is not an lm-eval task YAML")
 
 
@@ -233,6 +237,7 @@ def run(args, model, tokenizer, template):
         raise NanotuneError("--lm-eval scores a language model; this one is a classifier: use --eval FILE")
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable, make_table
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)     # its notes to task authors are not for this run
     names, manager = find_tasks(args.lm_eval)
     target = results_path(args)
     if target.exists() and not _ours(target):

@@ -23,7 +23,7 @@ from nanotune.models import check_tokenizer_fits, load_model
 from nanotune.quantize import QuantConfig
 from nanotune.run.cli import default_device, run
 from nanotune.run.generate_flags import DTYPES, parse_args
-from nanotune.tools import explain, export, quantization_error, serve
+from nanotune.tools import explain, export, lm_eval, quantization_error, serve
 from nanotune.tools.evaluate_file import evaluate_file, show
 
 
@@ -48,6 +48,7 @@ def main(args):
     if args.eval:                                          # scores on a file; --compare: beside full precision
         scores = quantization_error.compare if args.compare else lambda a, m, t, *_: evaluate_file(a, m, t)
         return show(args, *scores(args, model, tokenizer, base, device))
+    if args.lm_eval: return lm_eval.run(args, model, tokenizer, template)   # lm-eval's tasks: scores to compare
     if args.explain and not is_lm:                         # integrated gradients for each token
         return show(args, *explain.explain_classifier(args, model, tokenizer, prompts))
     if not is_lm:

@@ -81,6 +81,14 @@ def parser():
                    help="with --quantize: the full-precision model beside the quantized one, and each"
                         " quantized layer's error")
     g.add_argument("--json", action="store_true", help="print the results of --eval or --explain as one JSON object")
+    g = p.add_argument_group("lm-eval: scores people compare (EleutherAI's lm-evaluation-harness, pip install lm-eval)")
+    g.add_argument("--lm-eval", metavar="TASKS", type=text("task names or a task path"),
+                   help="comma-separated lm-eval task names (hellaswag,arc_easy) or paths to a task YAML or folder"
+                        " (data/lm_eval); the results JSON goes beside the model")
+    g.add_argument("--limit", type=number(0, low_open=True),
+                   help="--lm-eval: only the first N examples of each task (below 1: that share of them)")
+    g.add_argument("--num-fewshot", type=whole_number(0), help="--lm-eval: solved examples shown before each one")
+    g.add_argument("--batch-size", type=whole_number(1), default=8, help="--lm-eval: sequences scored together")
     g = p.add_argument_group("explain: why the model said that")
     g.add_argument("--explain", action="store_true",
                    help="classifier: integrated gradients for each token; LM: each step's candidates, filter by filter")

@@ -101,7 +101,7 @@ def conversation_template(args, tokenizer):
             raise NanotuneError("this model has no chat template to write a conversation with: give one with"
                                 " --chat-template FILE, or --chat-template chatml")
         return None
-    return ChatTemplate(source, tokenizer)
+    return ChatTemplate(source, tokenizer, args.chat_template)
 
 
 def opening(args):

@@ -45,6 +45,9 @@ def parser():
     g.add_argument("--stop", action="append", default=[], type=text("the text to stop at"),
                    help="stop when this text appears (repeatable)")
     g.add_argument("--num-samples", type=whole_number(1), default=1, help="continuations per prompt")
+    g.add_argument("--batch-size", type=whole_number(1), default=32,
+                   help="most sequences generated (each sample of a prompt is one) or texts classified at once:"
+                        " a longer --prompt-file runs in batches, so memory does not grow with its length")
     g.add_argument("--seed", type=whole_number(0, 2**63 - 1), help="same seed, same samples")
     g = p.add_argument_group("evaluate: how good is the model on a file (same formats as training)")
     g.add_argument("--eval", metavar="FILE", type=text("a data file"),

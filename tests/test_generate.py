@@ -174,3 +174,15 @@ def test_a_classifier_labels_a_prompt_file_in_batches(tmp_path, tiny_bert):
     rounded = lambda out: [[round(float(s.split("=")[1]), 2) for s in line.split("\t")[1].split()]
                            for line in out.splitlines()]
     assert rounded(batched.stdout) == rounded(together.stdout)
+
+
+def test_a_prompt_that_is_not_text_in_the_locales_encoding_is_one_line(tiny_gpt2):
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    latin1 = "café au lait".encode("latin-1")                    # a Latin-1 terminal under a UTF-8 locale
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(tiny_gpt2), "--prompt", latin1],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, LC_ALL="C.UTF-8"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "byte 0xe9 at position 3 is not utf-8 text" in r.stderr

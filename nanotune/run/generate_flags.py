@@ -1,4 +1,7 @@
 """generate.py's command line: every flag, checked as it is read."""
+import argparse
+import sys
+
 import torch
 
 from .cli import ArgumentParser, add_plain_flag, device, number, text, whole_number
@@ -19,7 +22,8 @@ def parser():
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute precision")
     g.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
     g = p.add_argument_group("input")
-    g.add_argument("--prompt", action="append", help="text to continue or classify; repeat for a batch")
+    g.add_argument("--prompt", action="append", type=prompt_text,
+                   help="text to continue or classify; repeat for a batch")
     g.add_argument("--prompt-file", type=text("a file"), help="a file with one prompt per line")
     g = p.add_argument_group("chat: a model with a chat template")
     g.add_argument("--chat", action="store_true",
@@ -97,6 +101,21 @@ def parser():
                    help="--export-gguf: how the weight matrices are stored")
     add_plain_flag(p)
     return p
+
+
+def prompt_text(value):
+    """A --prompt as the shell passed it. Bytes that are not text in the locale's encoding (a Latin-1
+    terminal under a UTF-8 locale) reach Python as lone surrogates, which no tokenizer can encode;
+    which encoding the terminal meant cannot be known (Latin-1? cp1252? Shift-JIS?), so ask, rather
+    than guess and generate from mojibake."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = value[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(f"byte {raw[0]:#x} at position {e.start} is not {sys.getfilesystemencoding()}"
+                                         " text, the locale's encoding: set the terminal to it (or LANG to the"
+                                         " terminal's), or put the prompt in a UTF-8 file for --prompt-file") from None
+    return value
 
 
 def parse_args(argv=None):

@@ -2,7 +2,8 @@
 Qwen2 with its biases, Mistral with its sliding window). The logits stay close to fp32's, and greedy
 tokens equal fp32's wherever fp32's own margin between its two best tokens is larger than half
 precision's error (a near tie may go either way); generation, serving, evaluation and classifying
-all run. On the real SmolLM2-135M-Instruct, bf16 greedy text equals fp32's for the README's prompts."""
+all run. On the real SmolLM2-135M-Instruct and the README's prompts, fp16 picks fp32's greedy tokens
+everywhere, and bf16 everywhere but at near ties (where its text then goes its own way)."""
 import json
 import threading
 
@@ -135,5 +136,8 @@ def test_smollm2_in_half_precision_picks_fp32s_tokens_but_for_near_ties():
             differ = (got.argmax(-1) != picked).nonzero().flatten().tolist()
             report = [(i, tokenizer.decode([int(picked[i])]), round(float(margins[i]), 4), round(float(error[i]), 3))
                       for i in differ]
+            # fp16 (10 mantissa bits) picks fp32's token everywhere. bf16 (7 bits) does not: "My grandmother"
+            # differs at the first token ("'s", fp32 margin 0.032, bf16 error 0.35), and the joke at its 9th
+            # (" A", margin 0.027, where bf16 ends the turn): near ties, measured on the Q4_1 GGUF's weights.
             assert all(margins[i] < 2 * error[i] for i in differ), (name, report)
-            print(name, "positions that differ (position, fp32 token, fp32 margin, error):", report)
+            assert name == "bf16" or not differ, (name, report)

@@ -52,7 +52,7 @@ def main(args):
     if args.explain and not is_lm:                         # integrated gradients for each token
         return show(args, *explain.explain_classifier(args, model, tokenizer, prompts))
     if not is_lm:
-        return classify(model, tokenizer, prompts, device)
+        return classify(model, tokenizer, prompts, device, args.batch_size)
     if args.chat:                                        # a conversation in the terminal
         return chat(args, model, tokenizer, template, device)
 
@@ -77,15 +77,18 @@ def main(args):
     printer = Printer(tokenizer, args.stop, stream=len(sequences) == 1)
     if printer.stream and prompts and not template:
         print(prompts[0], end="", flush=True)
-    generate(model, sequences, args.max_new_tokens, tokenizer.pad_id, stops, args.temperature,
-             args.top_k or None, args.top_p, args.repetition_penalty, generator, on_token=printer)
-    for i in range(len(sequences)):
-        if printer.stream:
-            printer.finish(i)
-        else:
-            prompt = prompts[i // args.num_samples] + ("\n" if template else "") if prompts else ""
-            print(f"--- prompt {i // args.num_samples + 1}, sample"
-                  f" {i % args.num_samples + 1}\n{prompt}{printer.finish(i)}")
+    for start in range(0, len(sequences), args.batch_size):   # memory: one batch's, however many prompts
+        batch = range(start, min(start + args.batch_size, len(sequences)))
+        generate(model, sequences[batch.start:batch.stop], args.max_new_tokens, tokenizer.pad_id, stops,
+                 args.temperature, args.top_k or None, args.top_p, args.repetition_penalty, generator,
+                 on_token=lambda i, new_ids: printer(start + i, new_ids))
+        for i in batch:
+            if printer.stream:
+                printer.finish(i)
+            else:
+                prompt = prompts[i // args.num_samples] + ("\n" if template else "") if prompts else ""
+                print(f"--- prompt {i // args.num_samples + 1}, sample"
+                      f" {i % args.num_samples + 1}\n{prompt}{printer.finish(i)}", flush=True)
     return 0
 
 
@@ -102,7 +105,7 @@ def conversation_template(args, tokenizer):
             raise NanotuneError("this model has no chat template to write a conversation with: give one with"
                                 " --chat-template FILE, or --chat-template chatml")
         return None
-    return ChatTemplate(source, tokenizer)
+    return ChatTemplate(source, tokenizer, args.chat_template)
 
 
 def opening(args):
@@ -221,20 +224,22 @@ class Printer:
     def finish(self, i):
         if self.stream:   # what was held back for a stop string that never came
             print(self.texts.get(i, "")[self.shown:], flush=True)
-        return self.texts.get(i, "")
+        return self.texts.pop(i, "")
 
 
-def classify(model, tokenizer, prompts, device):
-    """Each text's label and every label's probability."""
+def classify(model, tokenizer, prompts, device, batch_size):
+    """Each text's label and every label's probability, --batch-size texts at a time."""
     if not prompts:
         raise NanotuneError("a classifier needs text: give --prompt or --prompt-file")
-    ids, mask = tokenizer(prompts, max_length=model.config.max_position_embeddings)
-    with torch.inference_mode():
-        probs = model(ids.to(device), mask.to(device)).float().softmax(-1).cpu()
     labels = model.config.labels
-    for prompt, p in zip(prompts, probs):
-        scores = "  ".join(f"{name}={v:.3f}" for name, v in zip(labels, p.tolist()))
-        print(f"{labels[int(p.argmax())]}\t{scores}\t{prompt}")
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        ids, mask = tokenizer(batch, max_length=model.config.max_position_embeddings)
+        with torch.inference_mode():
+            probs = model(ids.to(device), mask.to(device)).float().softmax(-1).cpu()
+        for prompt, p in zip(batch, probs):
+            scores = "  ".join(f"{name}={v:.3f}" for name, v in zip(labels, p.tolist()))
+            print(f"{labels[int(p.argmax())]}\t{scores}\t{prompt}")
     return 0
 
 

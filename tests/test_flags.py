@@ -21,7 +21,7 @@ TRAIN_BAD = {
     "--stride": ["0", "-1"], "--truncate": ["middle"], "--add-tokens": [""], "--pad-vocab-to-multiple-of": ["0"],
     "--search": [""], "--trials": ["0", "1001"],
     "--lr-decay": ["0", "1.5", "nan"], "--unfreeze": ["sudden"], "--show-batch": ["0", "x"],
-    "--chat-template": [""], "--train-on": ["questions"],
+    "--chat-template": [""], "--train-on": ["questions"], "--recipe": ["ch3", ""],
 }
 GENERATE_BAD = {
     "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],

@@ -1,5 +1,6 @@
 """generate.py's command line: every flag, checked as it is read."""
 import argparse
+import sys
 
 import torch
 
@@ -36,7 +37,8 @@ def parser():
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute precision")
     g.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
     g = p.add_argument_group("input")
-    g.add_argument("--prompt", action="append", help="text to continue or classify; repeat for a batch")
+    g.add_argument("--prompt", action="append", type=prompt_text,
+                   help="text to continue or classify; repeat for a batch")
     g.add_argument("--prompt-file", type=text("a file"), help="a file with one prompt per line")
     g = p.add_argument_group("chat: a model with a chat template")
     g.add_argument("--chat", action="store_true",
@@ -62,6 +64,10 @@ def parser():
     g.add_argument("--stop", action="append", default=[], type=text("the text to stop at"),
                    help="stop when this text appears (repeatable)")
     g.add_argument("--num-samples", type=whole_number(1), default=1, help="continuations per prompt")
+    g.add_argument("--batch-size", type=whole_number(1), default=32,
+                   help="most sequences generated (each sample of a prompt is one), texts classified or --lm-eval"
+                        " requests scored at once:"
+                        " a longer --prompt-file runs in batches, so memory does not grow with its length")
     g.add_argument("--seed", type=whole_number(0, 2**63 - 1), help="same seed, same samples")
     g = p.add_argument_group("evaluate: how good is the model on a file (same formats as training)")
     g.add_argument("--eval", metavar="FILE", type=text("a data file"),
@@ -88,7 +94,6 @@ def parser():
     g.add_argument("--limit", type=number(0, low_open=True),
                    help="--lm-eval: only the first N examples of each task (below 1: that share of them)")
     g.add_argument("--num-fewshot", type=whole_number(0), help="--lm-eval: solved examples shown before each one")
-    g.add_argument("--batch-size", type=whole_number(1), default=8, help="--lm-eval: sequences scored together")
     g = p.add_argument_group("explain: why the model said that")
     g.add_argument("--explain", action="store_true",
                    help="classifier: integrated gradients for each token; LM: each step's candidates, filter by filter")
@@ -132,6 +137,21 @@ def parser():
                    help="--export-gguf: how the weight matrices are stored")
     add_plain_flag(p)
     return p
+
+
+def prompt_text(value):
+    """A --prompt as the shell passed it. Bytes that are not text in the locale's encoding (a Latin-1
+    terminal under a UTF-8 locale) reach Python as lone surrogates, which no tokenizer can encode;
+    which encoding the terminal meant cannot be known (Latin-1? cp1252? Shift-JIS?), so ask, rather
+    than guess and generate from mojibake."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = value[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(f"byte {raw[0]:#x} at position {e.start} is not {sys.getfilesystemencoding()}"
+                                         " text, the locale's encoding: set the terminal to it (or LANG to the"
+                                         " terminal's), or put the prompt in a UTF-8 file for --prompt-file") from None
+    return value
 
 
 def parse_args(argv=None):

@@ -1,0 +1,214 @@
+"""Learning from rewards: GRPO (Shao et al., 2024), with the DAPO and Dr. GRPO normalisations.
+
+Supervised fine-tuning shows the model the right answer. Here there is no answer to copy, only a
+function that scores what the model writes (nanotune/rewards.py). Each step:
+  1. generate    G answers to each of a few prompts, sampled (batched, with the key/value cache)
+  2. score       every answer with the reward functions
+  3. advantages  each reward minus its group's mean: better or worse than the model's usual answer
+                 to *this* prompt. The group is the baseline, so no value network is trained.
+  4. log-probs   of the sampled tokens, under the model being trained
+  5. loss        -advantage x probability ratio on every answer token: up the tokens of answers
+                 that beat their group, down the rest
+  6. step        AdamW, clipped, as in supervised training
+The loss is about 0 on-policy while the model learns (README, "Learning from rewards").
+"""
+import copy
+from contextlib import nullcontext
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import batch_order
+from .generation import generate
+from .lora import adapters_off, add_lora, save_adapter
+from .losses import IGNORE
+from .models import check_tokenizer_fits, load_model
+from .optim import lr_at, make_optimizer
+from .rewards import read_task, score
+from .run.checkpoint import StopSignals, save_and_stop, save_state
+from .run.metrics import MetricsLog
+from .run.output import take
+
+
+def group_advantages(rewards, group_size, scale="group"):
+    """(N,) rewards of N = prompts x G answers, each prompt's G in a row -> (N,) advantages: the reward
+    minus its group's mean, divided by the group's std (scale="group", GRPO; + 1e-4 so that a group
+    of equal rewards gives 0, not 0/0), by the whole batch's std ("batch"), or not at all ("none",
+    Dr. GRPO: dividing by a small std gives the questions that are almost always right, or almost
+    always wrong, the largest steps)."""
+    groups = rewards.view(-1, group_size)                                  # (prompts, G)
+    advantages = (groups - groups.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "group":
+        return advantages / (groups.std(dim=1).repeat_interleave(group_size) + 1e-4)
+    if scale == "batch":
+        return advantages / (rewards.std() + 1e-4)
+    return advantages
+
+
+def policy_loss(logps, old_logps, advantages, mask, loss_type="dapo", epsilon=0.2, ref_logps=None, kl_beta=0.0,
+                max_length=None):
+    """The clipped policy-gradient loss of PPO, as GRPO uses it, over answer tokens (mask (B, L) 1).
+
+    ratio = pi(token) / pi_old(token), which is 1 on-policy; its gradient is the gradient of log pi,
+    so -advantage x ratio pushes up every token of an answer that beat its group. When a batch is
+    reused (--updates-per-batch > 1) the ratio drifts from 1, and min(ratio A, clip(ratio) A) stops
+    the push once the probability has moved by more than epsilon: a few lucky samples cannot drag
+    the model far from the policy that drew them. kl_beta > 0 adds the k3 estimate of KL(pi || ref)
+    per token, exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), to stay near the reference.
+    How the token losses become one number is what the three variants differ in:
+      grpo     the mean over each answer's tokens, then over answers: a token of a short answer
+               weighs more than one of a long answer (which biases towards long wrong answers)
+      dapo     the mean over every answer token of the batch: each token weighs the same
+      dr_grpo  the sum divided by answers x max_length (--max-new-tokens, a constant): no
+               length weighting at all"""
+    ratio = torch.exp(logps - old_logps)                                      # (B, L)
+    A = advantages[:, None]                                                   # (B, 1)
+    per_token = -torch.min(ratio * A, ratio.clamp(1 - epsilon, 1 + epsilon) * A)
+    if kl_beta:
+        per_token = per_token + kl_beta * (torch.exp(ref_logps - logps) - (ref_logps - logps) - 1)
+    mask = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_type == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / (mask.shape[0] * (max_length or mask.shape[1]))
+
+
+def rollout(model, prompts, group_size, max_new_tokens, pad_id, stops, temperature, generator):
+    """G sampled answers to each prompt (token ids), each with the token that ended it, if one did:
+    the model learns when to stop as much as what to say."""
+    sequences = [ids for ids in prompts for _ in range(group_size)]
+    picked = []                                                   # the tokens drawn at each step, (B,) each
+    new = generate(model, sequences, max_new_tokens, pad_id, stops, temperature, generator=generator,
+                   on_step=lambda logits, seen, tokens: picked.append(tokens))
+    return [ids + [int(picked[len(ids)][i])] if len(ids) < len(picked) else ids for i, ids in enumerate(new)]
+
+
+def answer_logps(model, prompts, answers, temperature):
+    """log pi(token) of every answer token (B, L) and the mask of real ones. The prompts are padded
+    on the left and the answers on the right, so that every answer starts at column P; position t
+    predicts token t + 1. The logits are divided by the temperature that sampled: these are the
+    probabilities of the policy that drew the answers."""
+    P, L = max(map(len, prompts)), max(map(len, answers))
+    ids = torch.tensor([[0] * (P - len(p)) + p + a + [0] * (L - len(a)) for p, a in zip(prompts, answers)])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(a)) + [0] * (L - len(a))
+                         for p, a in zip(prompts, answers)])                          # (B, P + L)
+    device = model.lm_head.weight.device
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model(ids, mask, positions, output_layer=False)[:, P - 1:-1]            # (B, L, C): predicts the answer
+    logits = model.lm_head(hidden).float() / temperature                              # (B, L, V)
+    targets = ids[:, P:].masked_fill(mask[:, P:] == 0, IGNORE)
+    # log pi(token) = -cross-entropy; padding (-100) gives 0
+    logps = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    return logps, mask[:, P:]
+
+
+def learn(model, reference, optimizer, lr, prompts, answers, advantages, args):
+    """Steps 4-6 on one batch of answers: --updates-per-batch optimizer steps (the first on-policy).
+    Returns the last loss, its clip ratio and KL (None without --kl-beta) and the gradient's norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    old = ref = None
+    with torch.no_grad():
+        if args.updates_per_batch > 1:              # the sampling policy, fixed while the batch is reused
+            old = answer_logps(model, prompts, answers, args.temperature)[0]
+        if args.kl_beta:                            # LoRA: the same model with its adapters off; else a frozen copy
+            with adapters_off(model) if reference is None else nullcontext():
+                ref = answer_logps(model if reference is None else reference, prompts, answers, args.temperature)[0]
+    for _ in range(args.updates_per_batch):
+        logps, mask = answer_logps(model, prompts, answers, args.temperature)
+        old_logps = logps.detach() if old is None else old     # on-policy: ratio 1, its gradient that of log pi
+        loss = policy_loss(logps, old_logps, advantages, mask, args.loss_type, args.epsilon, ref, args.kl_beta,
+                           args.max_new_tokens)
+        loss.backward()
+        # Rewards are noisy; clipping the gradient's norm keeps one lucky batch from taking a huge step.
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                              args.max_grad_norm or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    ratio, A, real = torch.exp(logps.detach() - old_logps), advantages[:, None], mask.bool()
+    clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon) & (A > 0))
+    kl = None if ref is None else (torch.exp(ref - logps) - (ref - logps) - 1).detach()[real].mean().item()
+    return loss.item(), clipped[real].float().mean().item(), kl, norm.item()
+
+
+def train(args, run):
+    """`python train.py --reward FILE.py:function`: the six steps above, epoch by epoch over the prompts."""
+    # Everything is read and checked before the first write: prompts, reward functions, model, room.
+    task = read_task(args, run)                # prompts, reward functions, tokenizer: checked, nothing loaded yet
+    model = load_model(args.model, device=run.device, quantize=run.quant)
+    check_tokenizer_fits(model, task.tokenizer, args.model)
+    if run.lora:
+        add_lora(model, run.lora)
+    # Without LoRA, --kl-beta needs the model as it was: a frozen copy (under LoRA: the adapters off).
+    reference = copy.deepcopy(model).requires_grad_(False) if args.kl_beta and not run.lora else None
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    # Dropout off throughout: the log-probabilities must be those of the policy that sampled.
+    model.eval()
+    before = task.held_out_reward(model)      # the reward functions meet real answers, before anything is written
+
+    progress = take(args, run, model, optimizer)
+    out, log = Path(args.out), MetricsLog(Path(args.out))
+    if progress["step"] == 0:
+        log.log("eval", epoch=0, step=0, reward=before)
+    run.print(f"reward before training (greedy, {task.held_out}): {before:.3f}")
+    rows, prompts, tokenizer, stops = task.rows, task.prompts, task.tokenizer, task.stops
+    steps_per_epoch = math.ceil(len(rows) / args.batch_size)
+    stop, step, G = StopSignals(), progress["step"], args.group_size
+    for epoch in range(progress["epoch"], args.epochs):
+        batches = batch_order(len(rows), args.batch_size, args.seed, epoch)        # the same after a resume
+        first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
+        for step_in_epoch in range(first, len(batches)):
+            lr = lr_at(step, args.lr, args.warmup_steps, steps_per_epoch * args.epochs, args.lr_schedule)
+            batch_rows, batch_prompts = [rows[i] for i in batches[step_in_epoch]], [prompts[i] for i in
+                                                                                    batches[step_in_epoch]]
+            # 1. Generate. Step s samples with seed --seed + s: a resumed run draws what this one would have.
+            started = time.time()
+            generator = torch.Generator(run.device).manual_seed(args.seed + step)
+            answers = rollout(model, batch_prompts, G, args.max_new_tokens, tokenizer.pad_id, stops,
+                              args.temperature, generator)
+            generated = time.time()
+            # 2. Score: the reward functions read the answers as text, without the stop token.
+            texts = [tokenizer.decode(a[:-1] if a[-1:] and a[-1] in stops else a) for a in answers]
+            rewards, each = score(task.functions, task.weights, [r for r in batch_rows for _ in range(G)], texts)
+            rewards = torch.tensor(rewards)
+            # 3. Advantages. A group whose G answers scored the same has advantage 0 everywhere: it teaches nothing.
+            advantages = group_advantages(rewards, G, args.scale_rewards).to(run.device)
+            # 4.-6. Log-probs, loss, step.
+            with run.autocast():
+                loss, clip_ratio, kl, norm = learn(model, reference, optimizer, lr, [p for p in batch_prompts
+                                                   for _ in range(G)], answers, advantages, args)
+            step += 1
+            equal = (rewards.view(-1, G).amax(1) == rewards.view(-1, G).amin(1)).float().mean().item()
+            record = dict(loss=loss, lr=lr, reward=rewards.mean().item(), reward_std=rewards.std().item(),
+                          equal_groups=equal, completion_length=sum(map(len, answers)) / len(answers),
+                          clip_ratio=clip_ratio, grad_norm=norm, generation_s=generated - started,
+                          learning_s=time.time() - generated)
+            for spec, values in zip(args.reward, each):
+                record |= {f"reward/{spec}": torch.tensor(values).mean().item(),
+                           f"reward_std/{spec}": torch.tensor(values).std().item()}
+            log.log("train", epoch=epoch + 1, step=step, **record, **({"kl": kl} if kl is not None else {}))
+            run.print(f"step {step}: reward {record['reward']:.3f} (std {record['reward_std']:.3f}, equal groups"
+                      f" {equal:.0%}), loss {loss:+.4f}, {record['completion_length']:.1f} tokens an answer,"
+                      f" generation {record['generation_s']:.1f} s, learning {record['learning_s']:.1f} s")
+            if stop.requested(run.device):
+                where = progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
+                return save_and_stop(out, model, optimizer, where, False, run.print, stop.received)
+        # After every epoch: the held-out reward, the model, then the state to resume from.
+        progress.update(epoch=epoch + 1, step_in_epoch=0, step=step)
+        after = task.held_out_reward(model)
+        log.log("eval", epoch=epoch + 1, step=step, reward=after)
+        run.print(f"epoch {epoch + 1}: reward (greedy, held-out) {after:.3f}, was {before:.3f}")
+        save_adapter(model, out, run.lora, args.model) if run.lora else model.save_pretrained(out)
+        tokenizer.save(out)
+        save_state(out / "checkpoint", model, optimizer, progress)
+        if args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs and epoch + 1 < args.epochs:
+            run.print(f"stopped after epoch {epoch + 1} as asked: continue with the same command plus --resume")
+            return 0
+    run.print(f"saved the model to {out}/")
+    return 0
+

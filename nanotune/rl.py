@@ -188,9 +188,9 @@ def train(args, run):
                           equal_groups=equal, completion_length=sum(map(len, answers)) / len(answers),
                           clip_ratio=clip_ratio, grad_norm=norm, generation_s=generated - started,
                           learning_s=time.time() - generated)
-            for spec, values in zip(args.reward, each):
-                record |= {f"reward/{spec}": torch.tensor(values).mean().item(),
-                           f"reward_std/{spec}": torch.tensor(values).std().item()}
+            for spec, values in zip(args.reward, each):                 # each function's own, by its file's name
+                record |= {f"reward/{Path(spec).name}": torch.tensor(values).mean().item(),
+                           f"reward_std/{Path(spec).name}": torch.tensor(values).std().item()}
             log.log("train", epoch=epoch + 1, step=step, **record, **({"kl": kl} if kl is not None else {}))
             run.print(f"step {step}: reward {record['reward']:.3f} (std {record['reward_std']:.3f}, equal groups"
                       f" {equal:.0%}), loss {loss:+.4f}, {record['completion_length']:.1f} tokens an answer,"
@@ -202,7 +202,7 @@ def train(args, run):
         progress.update(epoch=epoch + 1, step_in_epoch=0, step=step)
         after = task.held_out_reward(model)
         log.log("eval", epoch=epoch + 1, step=step, reward=after)
-        run.print(f"epoch {epoch + 1}: reward (greedy, held-out) {after:.3f}, was {before:.3f}")
+        run.print(f"epoch {epoch + 1}: reward (greedy, {task.held_out}) {after:.3f}, was {before:.3f}")
         save_adapter(model, out, run.lora, args.model) if run.lora else model.save_pretrained(out)
         tokenizer.save(out)
         save_state(out / "checkpoint", model, optimizer, progress)

@@ -119,3 +119,159 @@ def test_answer_logps_are_the_models_own(tiny_gpt2):
             alone = model(torch.tensor([p + a])).log_softmax(-1)[0]
         expected = [alone[len(p) - 1 + j, t] for j, t in enumerate(a)]
         assert torch.allclose(logps[i, :len(a)], torch.stack(expected), atol=1e-5)
+
+
+def test_rollouts_with_a_seed_are_generate_pys_samples_with_that_seed(tiny_gpt2):
+    """The loop samples as `generate.py --seed S --num-samples G` does: the same answers."""
+    import re
+
+    from conftest import run_cli
+    from nanotune import load_tokenizer
+    model, tokenizer = load_model(str(tiny_gpt2)).eval(), load_tokenizer(str(tiny_gpt2))
+    prompt = "The cat"
+    answers = rl.rollout(model, [tokenizer.encode(prompt)], 4, 12, tokenizer.pad_id, {tokenizer.eos_id}, 0.9,
+                         torch.Generator().manual_seed(7))
+    texts = [tokenizer.decode(a[:-1] if a[-1] == tokenizer.eos_id else a) for a in answers]
+    result = run_cli("generate.py", "--model", tiny_gpt2, "--prompt", prompt, "--num-samples", 4, "--seed", 7,
+                     "--temperature", 0.9, "--top-k", 0, "--max-new-tokens", 12, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    printed = re.split(r"--- prompt 1, sample \d\n", result.stdout)[1:]
+    assert [p.removesuffix("\n").removeprefix(prompt) for p in printed] == texts
+    assert len(set(texts)) > 1                                    # sampled, not four times the same
+
+
+# ---- the loop, end to end ---------------------------------------------------------------------
+
+PROMPTS = ["The cat", "A dog", "My friend", "The soup"]
+
+
+@pytest.fixture(scope="module")
+def peaked_gpt2(tmp_path_factory, bpe_dir):
+    """A tiny GPT-2 initialised with larger weights, so that its next-token distribution has a few
+    likely tokens rather than 512 equally unlikely ones: a chosen token turns up now and then."""
+    from conftest import make_gpt2
+    return make_gpt2(tmp_path_factory.mktemp("peaked"), bpe_dir, initializer_range=0.4)
+
+
+@pytest.fixture(scope="module")
+def token_task(tmp_path_factory, peaked_gpt2):
+    """Prompts, and a reward for the share of an answer's 8 tokens that are one chosen token: the
+    alphabetic token the untrained model samples most often (so it is rare, but not never)."""
+    import collections
+
+    from nanotune import load_tokenizer
+    folder = tmp_path_factory.mktemp("task")
+    model, tokenizer = load_model(str(peaked_gpt2)).eval(), load_tokenizer(str(peaked_gpt2))
+    answers = rl.rollout(model, [tokenizer.encode(p) for p in PROMPTS], 16, 8, tokenizer.pad_id, {tokenizer.eos_id},
+                         1.0, torch.Generator().manual_seed(0))
+    counts = collections.Counter(t for a in answers for t in a)
+    chosen = next(tokenizer.decode([t]) for t, _ in counts.most_common() if tokenizer.decode([t]).strip().isalpha())
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "token": chosen}) + "\n" for p in PROMPTS))
+    (folder / "reward.py").write_text("def chosen(prompt, completion, token, **fields):\n"
+                                      "    return completion.count(token) / 8\n")
+    return folder
+
+
+def train_on_rewards(model, task, out, *extra, in_process=True):
+    """train.py --reward on the token task: in this process (returns the exit status), or as a user
+    runs it (returns the CompletedProcess: a run folder stays locked by the process that wrote it)."""
+    import train
+    from conftest import run_cli
+    args = ["--model", str(model), "--data", str(task / "prompts.jsonl"), "--val-split", "0",
+            "--reward", f"{task / 'reward.py'}:chosen", "--out", str(out), "--batch-size", "2", "--group-size", "8",
+            "--max-new-tokens", "8", "--lr", "3e-3", "--lr-schedule", "constant", "--fp32", *map(str, extra)]
+    return train.main(train.parse_args(args)) if in_process else run_cli("train.py", *args)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, peaked_gpt2, token_task):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert train_on_rewards(peaked_gpt2, token_task, out, "--epochs", 4) == 0
+    return out
+
+
+def test_a_tiny_model_learns_to_emit_the_rewarded_token(trained):
+    steps = [r for r in metrics(trained) if r["event"] == "train"]
+    assert len(steps) == 8                                        # 4 epochs of 2 steps (4 prompts, 2 a step)
+    start, end = steps[0]["reward"], sum(r["reward"] for r in steps[-2:]) / 2
+    assert start < 0.3 and end > start + 0.4, [r["reward"] for r in steps]
+    evals = [r for r in metrics(trained) if r["event"] == "eval"]
+    assert evals[-1]["reward"] > evals[0]["reward"]               # greedy answers too
+
+
+def test_the_log_says_what_a_reader_watches(trained):
+    steps = [r for r in metrics(trained) if r["event"] == "train"]
+    for record in steps:
+        for key in ("reward", "reward_std", "equal_groups", "completion_length", "clip_ratio", "loss",
+                    "generation_s", "learning_s", "reward/reward.py:chosen", "reward_std/reward.py:chosen"):
+            assert key in record and math.isfinite(record[key]), key
+        assert record["clip_ratio"] == 0                          # one update a batch: always on-policy
+        assert 1 <= record["completion_length"] <= 8
+    assert steps[-1]["equal_groups"] > steps[0]["equal_groups"] or steps[0]["equal_groups"] < 1
+    assert (trained / "model.safetensors").is_file() and (trained / "checkpoint" / "training_state.pt").is_file()
+
+
+def test_a_stopped_run_resumes_where_it_stopped(tmp_path, trained, peaked_gpt2, token_task):
+    """Stopped after epoch 1 and resumed, the run's steps are those of the run that was never stopped
+    (a constant rate, so 2 epochs are the first 2 of 4): same batches, same samples (step s samples
+    with seed --seed + s), same weights and AdamW state, so the same rewards and gradients."""
+    out = tmp_path / "out"
+    first = train_on_rewards(peaked_gpt2, token_task, out, "--epochs", 2, "--stop-after-epochs", 1, in_process=False)
+    assert first.returncode == 0, first.stderr
+    assert len([r for r in metrics(out) if r["event"] == "train"]) == 2
+    second = train_on_rewards(peaked_gpt2, token_task, out, "--epochs", 2, "--resume", in_process=False)
+    assert second.returncode == 0, second.stderr
+    assert "resuming at epoch 2, step 2" in second.stdout
+    steps = lambda o: [(r["step"], r["reward"], r["loss"], r["grad_norm"]) for r in metrics(o) if r["event"] == "train"]
+    assert steps(out) == steps(trained)[:4]
+
+
+# ---- bad input: one line, exit 2, nothing written ----------------------------------------------
+
+BAD_REWARDS = {
+    "no_file": (None, "missing.py:score", r"no such file .*missing\.py"),
+    "no_function": ("def other(prompt, completion, **fields):\n    return 1.0\n", "{}:score",
+                    r"defines no function 'score' \(it defines: other\)"),
+    "wrong_signature": ("def score(completion):\n    return 1.0\n", "{}:score",
+                        r"score must take \(prompt, completion, \*\*fields\)"),
+    "not_a_number": ("def score(prompt, completion, **fields):\n    return 'good'\n", "{}:score",
+                     r"returned 'good' for the prompt 'The cat'"),
+    "nan": ("def score(prompt, completion, **fields):\n    return float('nan')\n", "{}:score",
+            r"returned nan for the prompt 'The cat': a reward must be a finite number"),
+    "infinity": ("def score(prompt, completion, **fields):\n    return float('inf')\n", "{}:score",
+                 r"returned inf for the prompt"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REWARDS)
+def test_a_bad_reward_function_stops_before_anything_is_written(tmp_path, tiny_gpt2, case):
+    import train
+    source, spec, message = BAD_REWARDS[case]
+    if source is not None:
+        (tmp_path / "reward.py").write_text(source)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "The cat", "answer": 3}) + "\n")
+    args = train.parse_args(["--model", str(tiny_gpt2), "--data", str(tmp_path / "prompts.jsonl"), "--val-split", "0",
+                             "--reward", spec.format(tmp_path / "reward.py"), "--out", str(tmp_path / "out"),
+                             "--max-new-tokens", "4"])
+    with pytest.raises(NanotuneError, match=message):
+        train.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_exit_2_with_one_line(tmp_path, tiny_gpt2):
+    from conftest import run_cli
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "The cat " * 20}) + "\n")
+    (tmp_path / "reward.py").write_text("def score(prompt, completion, **fields):\n    return 1.0\n")
+    common = ["--model", tiny_gpt2, "--data", tmp_path / "prompts.jsonl", "--val-split", 0,
+              "--reward", f"{tmp_path / 'reward.py'}:score", "--out", tmp_path / "out"]
+    for extra, message in ((["--group-size", 1], "--group-size: 1 is out of range"),
+                           (["--max-new-tokens", 30], "leaves no room for --max-new-tokens 30 in the model's 64"),
+                           (["--reward-weights", 1, 2], "--reward-weights gives 2 weights for 1 --reward")):
+        result = run_cli("train.py", *common, *extra)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -13,9 +13,9 @@ function that scores what the model writes (nanotune/rewards.py). Each step:
 The loss is about 0 on-policy while the model learns (README, "Learning from rewards").
 """
 import copy
-from contextlib import nullcontext
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,10 +35,9 @@ from .run.output import take
 
 def group_advantages(rewards, group_size, scale="group"):
     """(N,) rewards of N = prompts x G answers, each prompt's G in a row -> (N,) advantages: the reward
-    minus its group's mean, divided by the group's std (scale="group", GRPO; + 1e-4 so that a group
-    of equal rewards gives 0, not 0/0), by the whole batch's std ("batch"), or not at all ("none",
-    Dr. GRPO: dividing by a small std gives the questions that are almost always right, or almost
-    always wrong, the largest steps)."""
+    minus its group's mean, over the group's std (scale="group", GRPO; + 1e-4: equal rewards give 0,
+    not 0/0), the batch's ("batch"), or not scaled ("none", Dr. GRPO: a small std would give the
+    questions the model almost always gets right, or wrong, the largest steps)."""
     groups = rewards.view(-1, group_size)                                  # (prompts, G)
     advantages = (groups - groups.mean(dim=1, keepdim=True)).view(-1)
     if scale == "group":
@@ -52,12 +51,12 @@ def policy_loss(logps, old_logps, advantages, mask, loss_type="dapo", epsilon=0.
                 max_length=None):
     """The clipped policy-gradient loss of PPO, as GRPO uses it, over answer tokens (mask (B, L) 1).
 
-    ratio = pi(token) / pi_old(token), which is 1 on-policy; its gradient is the gradient of log pi,
-    so -advantage x ratio pushes up every token of an answer that beat its group. When a batch is
-    reused (--updates-per-batch > 1) the ratio drifts from 1, and min(ratio A, clip(ratio) A) stops
-    the push once the probability has moved by more than epsilon: a few lucky samples cannot drag
-    the model far from the policy that drew them. kl_beta > 0 adds the k3 estimate of KL(pi || ref)
-    per token, exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), to stay near the reference.
+    ratio = pi(token) / pi_old(token) is 1 on-policy, and its gradient that of log pi: -advantage x
+    ratio pushes up every token of an answer that beat its group. A reused batch (--updates-per-batch
+    > 1) moves the ratio from 1, and min(ratio A, clip(ratio) A) stops the push once a probability
+    has moved by more than epsilon: a few lucky samples cannot drag the model far from the policy
+    that drew them. kl_beta > 0 adds the k3 estimate of KL(pi || ref), exp(ref - logp) - (ref - logp)
+    - 1 per token (>= 0, unbiased), to stay near the reference model.
     How the token losses become one number is what the three variants differ in:
       grpo     the mean over each answer's tokens, then over answers: a token of a short answer
                weighs more than one of a long answer (which biases towards long wrong answers)
@@ -69,7 +68,6 @@ def policy_loss(logps, old_logps, advantages, mask, loss_type="dapo", epsilon=0.
     per_token = -torch.min(ratio * A, ratio.clamp(1 - epsilon, 1 + epsilon) * A)
     if kl_beta:
         per_token = per_token + kl_beta * (torch.exp(ref_logps - logps) - (ref_logps - logps) - 1)
-    mask = mask.to(per_token.dtype)
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     if loss_type == "dapo":
@@ -88,28 +86,24 @@ def rollout(model, prompts, group_size, max_new_tokens, pad_id, stops, temperatu
 
 
 def answer_logps(model, prompts, answers, temperature):
-    """log pi(token) of every answer token (B, L) and the mask of real ones. The prompts are padded
-    on the left and the answers on the right, so that every answer starts at column P; position t
-    predicts token t + 1. The logits are divided by the temperature that sampled: these are the
-    probabilities of the policy that drew the answers."""
+    """log pi(token) of every answer token (B, L), and the mask of real ones. Prompts are padded on the
+    left and answers on the right, so every answer starts at column P (position t predicts token t + 1);
+    the logits are divided by the sampling temperature: the probabilities of the policy that sampled."""
     P, L = max(map(len, prompts)), max(map(len, answers))
     ids = torch.tensor([[0] * (P - len(p)) + p + a + [0] * (L - len(a)) for p, a in zip(prompts, answers)])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(a)) + [0] * (L - len(a))
                          for p, a in zip(prompts, answers)])                          # (B, P + L)
-    device = model.lm_head.weight.device
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = ids.to(model.lm_head.weight.device), mask.to(model.lm_head.weight.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model(ids, mask, positions, output_layer=False)[:, P - 1:-1]            # (B, L, C): predicts the answer
     logits = model.lm_head(hidden).float() / temperature                              # (B, L, V)
-    targets = ids[:, P:].masked_fill(mask[:, P:] == 0, IGNORE)
-    # log pi(token) = -cross-entropy; padding (-100) gives 0
+    targets = ids[:, P:].masked_fill(mask[:, P:] == 0, IGNORE)           # log pi = -cross-entropy; -100: 0
     logps = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     return logps, mask[:, P:]
 
 
 def learn(model, reference, optimizer, lr, prompts, answers, advantages, args):
-    """Steps 4-6 on one batch of answers: --updates-per-batch optimizer steps (the first on-policy).
-    Returns the last loss, its clip ratio and KL (None without --kl-beta) and the gradient's norm."""
+    """Steps 4-6, --updates-per-batch times (the first on-policy): the last loss, clip ratio, KL, norm."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     old = ref = None
@@ -138,37 +132,30 @@ def learn(model, reference, optimizer, lr, prompts, answers, advantages, args):
 
 def train(args, run):
     """`python train.py --reward FILE.py:function`: the six steps above, epoch by epoch over the prompts."""
-    # Everything is read and checked before the first write: prompts, reward functions, model, room.
-    task = read_task(args, run)                # prompts, reward functions, tokenizer: checked, nothing loaded yet
+    task = read_task(args, run)          # prompts, reward functions, tokenizer, room: checked before the model loads
     model = load_model(args.model, device=run.device, quantize=run.quant)
     check_tokenizer_fits(model, task.tokenizer, args.model)
-    if run.lora:
-        add_lora(model, run.lora)
+    model = add_lora(model, run.lora) if run.lora else model          # LoRA: the model frozen, adapters beside it
     # Without LoRA, --kl-beta needs the model as it was: a frozen copy (under LoRA: the adapters off).
     reference = copy.deepcopy(model).requires_grad_(False) if args.kl_beta and not run.lora else None
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    # Dropout off throughout: the log-probabilities must be those of the policy that sampled.
-    model.eval()
+    model.eval()                         # dropout off: the log-probs must be those of the policy that sampled
     before = task.held_out_reward(model)      # the reward functions meet real answers, before anything is written
-
     progress = take(args, run, model, optimizer)
     out, log = Path(args.out), MetricsLog(Path(args.out))
     if progress["step"] == 0:
         log.log("eval", epoch=0, step=0, reward=before)
     run.print(f"reward before training (greedy, {task.held_out}): {before:.3f}")
-    rows, prompts, tokenizer, stops = task.rows, task.prompts, task.tokenizer, task.stops
-    steps_per_epoch = math.ceil(len(rows) / args.batch_size)
-    stop, step, G = StopSignals(), progress["step"], args.group_size
+    rows, tokenizer, stops, G = task.rows, task.tokenizer, task.stops, args.group_size
+    stop, step, total = StopSignals(), progress["step"], math.ceil(len(rows) / args.batch_size) * args.epochs
     for epoch in range(progress["epoch"], args.epochs):
         batches = batch_order(len(rows), args.batch_size, args.seed, epoch)        # the same after a resume
         first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         for step_in_epoch in range(first, len(batches)):
-            lr = lr_at(step, args.lr, args.warmup_steps, steps_per_epoch * args.epochs, args.lr_schedule)
-            batch_rows, batch_prompts = [rows[i] for i in batches[step_in_epoch]], [prompts[i] for i in
-                                                                                    batches[step_in_epoch]]
+            lr = lr_at(step, args.lr, args.warmup_steps, total, args.lr_schedule)
+            batch_rows, batch_prompts = zip(*[(rows[i], task.prompts[i]) for i in batches[step_in_epoch]])
             # 1. Generate. Step s samples with seed --seed + s: a resumed run draws what this one would have.
-            started = time.time()
-            generator = torch.Generator(run.device).manual_seed(args.seed + step)
+            started, generator = time.time(), torch.Generator(run.device).manual_seed(args.seed + step)
             answers = rollout(model, batch_prompts, G, args.max_new_tokens, tokenizer.pad_id, stops,
                               args.temperature, generator)
             generated = time.time()
@@ -183,18 +170,17 @@ def train(args, run):
                 loss, clip_ratio, kl, norm = learn(model, reference, optimizer, lr, [p for p in batch_prompts
                                                    for _ in range(G)], answers, advantages, args)
             step += 1
-            equal = (rewards.view(-1, G).amax(1) == rewards.view(-1, G).amin(1)).float().mean().item()
+            groups = rewards.view(-1, G)                        # equal groups: all G answers scored the same
             record = dict(loss=loss, lr=lr, reward=rewards.mean().item(), reward_std=rewards.std().item(),
-                          equal_groups=equal, completion_length=sum(map(len, answers)) / len(answers),
-                          clip_ratio=clip_ratio, grad_norm=norm, generation_s=generated - started,
-                          learning_s=time.time() - generated)
-            for spec, values in zip(args.reward, each):                 # each function's own, by its file's name
-                record |= {f"reward/{Path(spec).name}": torch.tensor(values).mean().item(),
-                           f"reward_std/{Path(spec).name}": torch.tensor(values).std().item()}
+                          equal_groups=(groups.amax(1) == groups.amin(1)).float().mean().item(),
+                          completion_length=sum(map(len, answers)) / len(answers), clip_ratio=clip_ratio,
+                          grad_norm=norm, generation_s=generated - started, learning_s=time.time() - generated)
+            record |= {f"{name}/{Path(spec).name}": f(torch.tensor(values)).item() for spec, values in
+                       zip(args.reward, each) for name, f in (("reward", torch.mean), ("reward_std", torch.std))}
             log.log("train", epoch=epoch + 1, step=step, **record, **({"kl": kl} if kl is not None else {}))
-            run.print(f"step {step}: reward {record['reward']:.3f} (std {record['reward_std']:.3f}, equal groups"
-                      f" {equal:.0%}), loss {loss:+.4f}, {record['completion_length']:.1f} tokens an answer,"
-                      f" generation {record['generation_s']:.1f} s, learning {record['learning_s']:.1f} s")
+            run.print("step {}: reward {reward:.3f}, equal groups {equal_groups:.0%}, loss {loss:+.4f}, answers of"
+                      " {completion_length:.1f} tokens; {generation_s:.1f} s generating, {learning_s:.1f} s learning"
+                      .format(step, **record))
             if stop.requested(run.device):
                 where = progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
                 return save_and_stop(out, model, optimizer, where, False, run.print, stop.received)
@@ -211,4 +197,3 @@ def train(args, run):
             return 0
     run.print(f"saved the model to {out}/")
     return 0
-

@@ -275,3 +275,18 @@ def test_bad_settings_exit_2_with_one_line(tmp_path, tiny_gpt2):
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_kl_to_the_reference_and_reused_batches(tmp_path, peaked_gpt2, token_task, lora):
+    """--kl-beta: the reference is the model with its adapters off (LoRA) or a frozen copy. With
+    --updates-per-batch 2 the second update of a batch is off-policy: the ratio is no longer 1, the
+    clip can bite, and the policy has moved from the reference (KL > 0, measured at that update)."""
+    out = tmp_path / "out"
+    extra = ["--lora-r", 4, "--lora-dropout", 0] if lora else []
+    assert train_on_rewards(peaked_gpt2, token_task, out, "--epochs", 1, "--kl-beta", 0.1, "--updates-per-batch", 2,
+                            "--group-size", 4, *extra) == 0
+    steps = [r for r in metrics(out) if r["event"] == "train"]
+    assert len(steps) == 2 and all(0 <= r["clip_ratio"] <= 1 for r in steps)
+    assert all(r["kl"] > 1e-7 for r in steps) and all(r["loss"] != 0 for r in steps)
+    assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()

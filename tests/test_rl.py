@@ -290,3 +290,45 @@ def test_kl_to_the_reference_and_reused_batches(tmp_path, peaked_gpt2, token_tas
     assert len(steps) == 2 and all(0 <= r["clip_ratio"] <= 1 for r in steps)
     assert all(r["kl"] > 1e-7 for r in steps) and all(r["loss"] != 0 for r in steps)
     assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+
+
+# ---- the chapter ------------------------------------------------------------------------------
+
+def chapter():
+    import importlib.util
+
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("rl_with_rewards", ROOT / "chapters" / "rl_with_rewards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_chapter_is_the_loop_on_policy(peaked_gpt2):
+    """The chapter's textbook pieces are the loop's: its advantages are group_advantages, and its
+    step (-advantage x log pi, over every answer token) moves the weights exactly as policy_loss
+    (dapo, on-policy: the ratio's gradient is log pi's) followed by the same clip and optimizer."""
+    import copy
+    ch = chapter()
+    rewards = [1.0, 0.0, 0.0, 0.5, 2.0, 2.0, 2.0, 2.0]
+    assert ch.advantages(rewards, 4) == pytest.approx(rl.group_advantages(torch.tensor(rewards), 4).tolist(), abs=1e-6)
+    model = load_model(str(peaked_gpt2)).eval()
+    prompts = [[5, 6, 7]] * 4 + [[8, 9]] * 4
+    answers = answers_of(model, [[5, 6, 7], [8, 9]], 4, seed=1)
+    advantages = rl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.5, 0.0, 1.0, 1.0, 1.0]), 4)
+    plain = copy.deepcopy(model)
+    ch.step(plain, torch.optim.SGD(plain.parameters(), lr=0.1), prompts, answers, advantages.tolist())
+    logps, mask = rl.answer_logps(model, prompts, answers, 1.0)
+    rl.policy_loss(logps, logps.detach(), advantages, mask, "dapo").backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for (name, a), b in zip(plain.named_parameters(), model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_the_chapter_runs_top_to_bottom(peaked_gpt2, token_task, capsys):
+    chapter().main(["--model", str(peaked_gpt2), "--data", str(token_task / "prompts.jsonl"),
+                    "--reward", f"{token_task / 'reward.py'}:chosen", "--steps", "2", "--group-size", "4",
+                    "--prompts-per-step", "2", "--lora-r", "4", "--lr", "1e-3"])
+    printed = capsys.readouterr().out
+    assert "greedy reward before" in printed and "step 2: mean reward" in printed and "greedy reward after" in printed

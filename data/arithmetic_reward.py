@@ -10,7 +10,8 @@ import re
 
 
 def correct(prompt, completion, answer, **fields):
-    """1 if the first number in the answer is the right one, else 0: the question asks for the
-    number only, so a reply that starts by repeating the question's numbers does not count."""
+    """1 if the last number in the answer is the right one, else 0. A small model tends to write the
+    sum out ("7 + 5 = 12"): the result comes last. An answer cut off by --max-new-tokens before the
+    result scores 0, so a short budget also rewards getting to the point."""
     numbers = re.findall(r"-?\d+", completion)
-    return 1.0 if numbers and int(numbers[0]) == answer else 0.0
+    return 1.0 if numbers and int(numbers[-1]) == answer else 0.0

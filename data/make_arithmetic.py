@@ -9,10 +9,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def question(rng):
-    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    a, b = rng.randint(2, 30), rng.randint(2, 9)
     if rng.random() < 0.5:
         return f"What is {a} + {b}? Reply with the number only.", a + b
-    a, b = max(a, b), min(a, b)
+    a, b = max(a, b), min(a, b)                 # no negative answers
     return f"What is {a} - {b}? Reply with the number only.", a - b
 
 

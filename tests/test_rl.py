@@ -364,3 +364,19 @@ def test_a_run_killed_mid_epoch_resumes_where_it_stopped(tmp_path, trained, peak
     assert resumed.returncode == 0, resumed.stderr
     steps = lambda o: [(r["step"], r["reward"], r["loss"], r["grad_norm"]) for r in metrics(o) if r["event"] == "train"]
     assert steps(out) == steps(trained)[:4]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("prompts.jsonl", '{"question": "The cat"}\n', r'line 1 has no "prompt"'),
+    ("prompts.jsonl", '{"prompt": ""}\n', r'line 1 has no "prompt"'),
+    ("prompts.txt", "The cat\n", r"learning from rewards reads \.jsonl prompts"),
+])
+def test_prompts_that_cannot_be_read_stop_before_anything_is_written(tmp_path, tiny_gpt2, name, text, message):
+    import train
+    (tmp_path / name).write_text(text)
+    (tmp_path / "reward.py").write_text("def score(prompt, completion, **fields):\n    return 1.0\n")
+    args = train.parse_args(["--model", str(tiny_gpt2), "--data", str(tmp_path / name), "--val-split", "0",
+                             "--reward", f"{tmp_path / 'reward.py'}:score", "--out", str(tmp_path / "out")])
+    with pytest.raises(NanotuneError, match=message):
+        train.main(args)
+    assert not (tmp_path / "out").exists()

@@ -36,6 +36,8 @@ GENERATE_BAD = {
     "--host": [""], "--port": ["-1", "65536"], "--api-key": [""], "--max-batch": ["0", "257"], "--export-onnx": [""],
     "--export-gguf": [""], "--gguf-type": ["q4_k"], "--chat-template": [""], "--system": [""],
     "--lm-eval": [""], "--limit": ["0", "-1", "nan"], "--num-fewshot": ["-1", "x"], "--batch-size": ["0"],
+    "--cache-budget": ["0", "x"], "--max-connections": ["0"], "--header-timeout": ["0", "nan"], "--body-timeout": ["-1"],
+    "--grace-period": ["-1", "nan"],
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
 TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--group-by-length", "--data-report", "--dry-run", "--show-groups", "--lr-find", "--lr-find-check", "--bf16", "--fp32", "--grad-checkpointing", "--fsdp", "--double-quant",

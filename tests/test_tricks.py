@@ -443,7 +443,7 @@ def test_a_background_save_writes_what_the_plain_save_writes(tmp_path, tiny_gpt2
 
     from nanotune.lora import LoRAConfig, add_lora
     from nanotune.optim import make_optimizer
-    from nanotune.run.checkpoint import BackgroundSaver, save_state
+    from nanotune.run.checkpoint import Saver, save_state
     model, tokenizer = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)
     config = LoRAConfig(("c_attn", "c_proj", "c_fc"), r=2) if lora else None
     if lora:
@@ -464,9 +464,9 @@ def test_a_background_save_writes_what_the_plain_save_writes(tmp_path, tiny_gpt2
     torch.set_rng_state(rng)
     import threading
     trained = threading.Event()       # the files are written after the next epoch's steps changed everything
-    saver = BackgroundSaver(tmp_path / "background", model, optimizer,
-                            lambda w: (trained.wait(), save(tmp_path / "background", w)))
-    saver.save(True, progress, whole_model=not lora)
+    saver = Saver(tmp_path / "background", model, optimizer, lambda w: (trained.wait(), save(tmp_path / "background", w)),
+                  background=True, whole_model=not lora)
+    saver.save(True, progress)
     for _ in range(3):
         step()
     trained.set()

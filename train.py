@@ -27,6 +27,7 @@ from nanotune.lora import add_lora, save_adapter
 from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
 from nanotune.models import check_tokenizer_fits, load_model, model_config
 from nanotune.new_tokens import grow_embedding, grow_tokenizer
+from nanotune.quantize import quantize_linears
 from nanotune.optim import format_groups, freeze, layers_of, lr_at, make_optimizer, unfreeze_gradually
 from nanotune.run import distributed, memory
 from nanotune.run.checkpoint import Saver, StopSignals, saves_in_background
@@ -59,7 +60,7 @@ def main(args):
     if args.data_report:
         return 0
     estimate = memory.check(args, run, config, report, len(label_names or ()))   # a run that will not fit stops
-    model = load_model(args.model, labels=label_names, device=run.device, quantize=run.quant, new_head=args.new_head)
+    model = load_pretrained(args, run, label_names)          # --quantize: its linear layers in 8 or 4 bits
     quantization = adapt(args, run, model, tokenizer, added, train_examples)
 
     # 3. Tokenize: every example keeps its own length, and each batch is padded to its longest one
@@ -117,6 +118,18 @@ def load_data(args, task):
     if len(names) < 2:
         raise NanotuneError(f"the training data has only one label ({names[0]}): a classifier needs at least two")
     return train, val, names
+
+
+def load_pretrained(args, run, labels):
+    """The pre-trained model; with --quantize (QLoRA's frozen base), each of its linear layers swapped
+    for an 8- or 4-bit one (nanotune/quantize.py): the whole model loaded, then each layer swapped.
+    Its twin, the quantize_in_pieces trick, swaps each layer as soon as it is loaded, so that the
+    full-precision model never exists whole (tricks.quantize_while_loading)."""
+    load = lambda **q: load_model(args.model, labels=labels, device=run.device, new_head=args.new_head, **q)
+    if run.quant and tricks.enabled("quantize_in_pieces"):
+        return load(quantize=run.quant)
+    model = load()
+    return quantize_linears(model, run.quant) if run.quant else model
 
 
 def adapt(args, run, model, tokenizer, added, train_examples):

@@ -265,7 +265,8 @@ class Saver:
 def check_finite(model, progress):
     """A model with a nan or inf weight is never saved: the run stops, naming the first such weight."""
     for name, p in model.named_parameters():
-        if p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+        local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()     # FSDP: this rank's shard
+        if p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(local).all()):
             raise NanotuneError(f"the weight {name} holds nan or inf after step {progress.get('step')}, so nothing"
                                 " of this run from that point is saved (the last saved model is unchanged): training"
                                 " diverged; lower --lr, keep --max-grad-norm on, or check the data")

@@ -19,17 +19,18 @@ from tqdm import tqdm
 
 from nanotune import NanotuneError, load_tokenizer, rl, tricks
 from nanotune.chat import render_conversations
-from nanotune.data import (batch_order, check_something_to_learn, lm_sequences, make_batch, mix, pack, pack_examples,
-                           read_examples, split, truncate)
+from nanotune.data import (batch_order, check_something_to_learn, fit_conversations, lm_sequences, make_batch, mix,
+                           pack, pack_examples, read_examples, split, truncate)
 from nanotune.evaluate import evaluate
 from nanotune.hub import resolve
 from nanotune.lora import add_lora, save_adapter
 from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
 from nanotune.models import check_tokenizer_fits, load_model, model_config
 from nanotune.new_tokens import grow_embedding, grow_tokenizer
+from nanotune.quantize import quantize_linears
 from nanotune.optim import format_groups, freeze, layers_of, lr_at, make_optimizer, unfreeze_gradually
 from nanotune.run import distributed, memory
-from nanotune.run.checkpoint import BackgroundSaver, StopSignals, save_and_stop, save_state, saves_in_background
+from nanotune.run.checkpoint import Saver, StopSignals, saves_in_background
 from nanotune.run.cli import run as run_command
 from nanotune.run.metrics import MetricsLog, RunningLoss, describe_data, describe_model, report_training
 from nanotune.run.output import take
@@ -61,15 +62,16 @@ def main(args):
     if args.data_report:
         return 0
     estimate = memory.check(args, run, config, report, len(label_names or ()))   # a run that will not fit stops
-    model = load_model(args.model, labels=label_names, device=run.device, quantize=run.quant, new_head=args.new_head)
+    model = load_pretrained(args, run, label_names)          # --quantize: its linear layers in 8 or 4 bits
     quantization = adapt(args, run, model, tokenizer, added, train_examples)
 
     # 3. Tokenize: every example keeps its own length, and each batch is padded to its longest one
     # (the chapter pads everything to 512, which spends most of the compute on padding).
     labels = model.config.labels if run.task == "classify" else None       # the head's order of the labels
     train_ids, train_labels, too_long = tokenize(train_examples, tokenizer, run.task, max_length, labels, args,
-                                                 template)
-    val_ids, val_labels, _ = tokenize(val_examples, tokenizer, run.task, max_length, labels, args, template)
+                                                 template, run.print)
+    val_ids, val_labels, _ = tokenize(val_examples, tokenizer, run.task, max_length, labels, args, template, run.print,
+                                      "validation")
     check_something_to_learn(run.task, train_ids, val_ids, run.world)
     run.print(describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, run.task))
     if args.show_batch or args.dry_run:           # the first batch as the model sees it; nothing trained or written
@@ -120,6 +122,18 @@ def load_data(args, task):
     return train, val, names
 
 
+def load_pretrained(args, run, labels):
+    """The pre-trained model; with --quantize (QLoRA's frozen base), each of its linear layers swapped
+    for an 8- or 4-bit one (nanotune/quantize.py): the whole model loaded, then each layer swapped.
+    Its twin, the quantize_in_pieces trick, swaps each layer as soon as it is loaded, so that the
+    full-precision model never exists whole (tricks.quantize_while_loading)."""
+    load = lambda **q: load_model(args.model, labels=labels, device=run.device, new_head=args.new_head, **q)
+    if run.quant and tricks.enabled("quantize_in_pieces"):
+        return load(quantize=run.quant)
+    model = load()
+    return quantize_linears(model, run.quant) if run.quant else model
+
+
 def adapt(args, run, model, tokenizer, added, train_examples):
     """The model made ready to train: rows for new tokens, what quantizing cost it (returned, for
     OUT/quantization.json), LoRA adapters, frozen layers, gradient checkpointing."""
@@ -141,16 +155,15 @@ def adapt(args, run, model, tokenizer, added, train_examples):
     return quantization
 
 
-def tokenize(examples, tokenizer, task, max_length, labels, args, template=None):
+def tokenize(examples, tokenizer, task, max_length, labels, args, template=None, say=print, name="training"):
     """Token ids per example and their labels: for a language model the ids themselves (the loss
     shifts them: position t predicts token t + 1), -100 where a token is not scored (context only,
     or a conversation's questions); for a classifier the label's id. Also how many texts were longer
     than `max_length`: never dropped silently (LM texts are cut into windows, classification texts
-    and conversations truncated)."""
+    and conversations truncated; a conversation with no answer token left is left out, and `say`s so)."""
     if examples and "messages" in examples[0]:       # conversations, through the model's chat template
         pairs = [template.tokenize(e["messages"], args.train_on) for e in examples]
-        too_long = sum(len(ids) > max_length for ids, _ in pairs)
-        sequences, targets = [ids[:max_length] for ids, _ in pairs], [lab[:max_length] for _, lab in pairs]
+        sequences, targets, too_long = fit_conversations(pairs, examples, max_length, name, say)
         if args.pack:                                # whole conversations side by side, none seeing another
             return (*pack_examples(sequences, targets, max_length), too_long)
         return sequences, targets, too_long
@@ -178,8 +191,9 @@ def check_inputs(args):
     template = render_conversations(train_examples, val_examples, tokenizer, args.model, args.chat_template,
                                     args.train_on)
     max_length = context_length(args, model_config(args.model), task)
-    train_ids = tokenize(train_examples, tokenizer, task, max_length, label_names, args, template)[0]
-    val_ids = tokenize(val_examples, tokenizer, task, max_length, label_names, args, template)[0]
+    quiet = lambda message: None                   # the run itself says it
+    train_ids = tokenize(train_examples, tokenizer, task, max_length, label_names, args, template, quiet)[0]
+    val_ids = tokenize(val_examples, tokenizer, task, max_length, label_names, args, template, quiet, "validation")[0]
     check_something_to_learn(task, train_ids, val_ids, 1)
     return start_mode
 
@@ -193,8 +207,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     train_ids, train_labels, val_ids, val_labels = data
     out, task, device = Path(args.out), run.task, run.device
     labels = model.config.labels if task == "classify" else None
-    class_weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights else None
-    loss_options = dict(class_weights=class_weights, label_smoothing=args.label_smoothing)
+    loss_options = loss_settings(args, train_labels, labels, device)
     lengths = [len(ids) for ids in train_ids] if args.group_by_length else None
     steps_per_epoch = math.ceil(math.ceil(len(train_ids) // run.world / args.batch_size) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
@@ -203,8 +216,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     may_train = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # for gradual unfreezing
     stop = StopSignals()                                     # Ctrl-C / SIGTERM: finish the step, save, stop
     write_model = lambda weights: save_model(model, tokenizer, out, run.lora, args, run.main_process, weights)
-    saver = BackgroundSaver(out, model, optimizer, write_model)        # (step 7, where a core is free for it)
-    background = saves_in_background(run, args.epochs)
+    saver = Saver(out, model, optimizer, write_model, saves_in_background(run, args.epochs), args.fsdp, not run.lora)
     model.train()                                            # dropout on
     step = progress["step"]
     for epoch in range(progress["epoch"], args.epochs):
@@ -213,8 +225,8 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
             run.print(f"epoch {epoch + 1}: training " + ("everything" if lowest == 0 else f"from block {lowest - 1} up"
                                                          if lowest <= layers_of(model) else "the head only"))
         # A new order of the examples every epoch, the same for the same seed (and after a resume).
-        # Each batch is padded to its longest example; --group-by-length puts examples of similar
-        # length together, so that less of the compute goes to padding.
+        # --group-by-length puts examples of similar length together, so that less of the compute
+        # goes to padding (each batch is padded to its longest example: data.make_batch).
         batches = batch_order(len(train_ids), args.batch_size, args.seed, epoch, rank=run.rank, world=run.world,
                               lengths=lengths)
         steps = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
@@ -227,11 +239,8 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
             # from a head and optimizer state that know nothing yet, and a rate that starts small and
             # grows keeps them from jolting the pre-trained weights. Then the rate decays to 0.
             lr = lr_at(step, args.lr, args.warmup_steps, total_steps, args.lr_schedule)
-            micro_batches = [make_batch(task, train_ids, train_labels, indices, tokenizer.pad_id, device)
-                             for indices in steps[step_in_epoch]]
-            if tricks.enabled("few_shapes"):                 # widths in steps of 8: a few shapes, reused
-                micro_batches = [tricks.padded_to_multiple(b, tokenizer.pad_id, model.config.context)
-                                 for b in micro_batches]
+            micro_batches = [make_batch(task, train_ids, train_labels, indices, tokenizer.pad_id, device,
+                                        model.config.context) for indices in steps[step_in_epoch]]
             summed, count, norm = train_step(train_model, micro_batches, optimizer, lr, task, args.max_grad_norm,
                                              device, run.autocast, **loss_options)
             step += 1
@@ -240,9 +249,8 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
                 report_training(running, bar, log, epoch, step, lr, device)
             if stop.requested(device):
                 bar.close()
-                saver.wait()
                 where = progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
-                return save_and_stop(out, model, optimizer, where, args.fsdp, run.print, stop.received)
+                return saver.stop(where, stop.received, run.print)
         bar.close()
 
         # 6. Evaluate on held-out data, and keep the best epoch.
@@ -257,17 +265,10 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
             progress.update(best=min(progress["best"], scores["loss"]),
                             bad_epochs=0 if improved else progress["bad_epochs"] + 1)
 
-        # 7. Save: the model first, then the state to resume from (a kill between the two redoes this epoch).
+        # 7. Save the model if it improved, then the state to resume from (nanotune/run/checkpoint.py).
         early_stop = args.patience is not None and progress["bad_epochs"] >= args.patience
         stop_here = args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs
-        last = early_stop or stop_here or epoch + 1 == args.epochs
-        if background and not last:
-            saver.save(improved, progress, whole_model=not run.lora)    # written while the next epoch trains
-        else:
-            saver.wait()
-            if improved:
-                save_model(model, tokenizer, out, run.lora, args, run.main_process)
-            save_state(out / "checkpoint", model, optimizer, progress, sharded=args.fsdp)   # every rank takes part
+        saver.save(improved, progress, last=early_stop or stop_here or epoch + 1 == args.epochs)
         if early_stop:
             run.print(f"early stop: no better validation loss for {args.patience} epochs")
             break
@@ -289,11 +290,17 @@ def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0):
     return classification_loss(logits, batch["labels"], class_weights, label_smoothing) * batch["labels"].numel()
 
 
+def loss_settings(args, train_labels, labels, device):
+    """loss_sum's options: --class-weights balanced (from the training labels), --label-smoothing."""
+    weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights else None
+    return dict(class_weights=weights, label_smoothing=args.label_smoothing)
+
+
 def train_step(model, micro_batches, optimizer, lr, task, max_grad_norm, device, autocast=nullcontext, **loss_options):
     """One optimizer step: chapter 1's forward, loss, backward, step and zero_grad, with gradient
     clipping and accumulation over micro-batches. `loss_options` go to loss_sum (class weights, label
     smoothing); `autocast` gives bf16 products where the hardware has them. Returns the summed loss,
-    what it sums over, and the gradient's norm before clipping (None without clipping)."""
+    what it sums over, and the gradient's norm before clipping (None without clipping, or no step)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)         # the schedule's rate (a share of it, per depth)
     # The loss is a mean over every scored token of the whole step, not of each micro-batch: each
@@ -301,24 +308,31 @@ def train_step(model, micro_batches, optimizer, lr, task, max_grad_norm, device,
     count = sum(scored_count(batch) for batch in micro_batches)
     divisor = distributed.loss_divisor(count, device)        # in one process: count
     total = torch.zeros((), device=device)
+    if divisor == 0:              # nothing to score on any rank (a window of one token): no mean, no step
+        return total, 0, None
     for i, batch in enumerate(micro_batches):
         with distributed.gradient_sync(model, i == len(micro_batches) - 1):
             with autocast():
                 summed = loss_sum(model, batch, task, **loss_options)     # forward pass and loss
         (summed / divisor).backward()                         # gradients add up over micro-batches
         total += summed.detach()
-    norm, params = None, [p for p in model.parameters() if p.grad is not None]
-    clip_in_adamw = max_grad_norm > 0 and tricks.enabled("clip_in_adamw") and tricks.clips_inside_adamw(optimizer)
-    if not clip_in_adamw:
-        if max_grad_norm > 0:
-            # One odd batch can give a huge gradient; clipping its norm to 1.0 keeps a single step from
-            # undoing what pre-training learned.
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-    else:
-        norm = tricks.clip_inside_adamw(optimizer, params, max_grad_norm)   # the same two lines, one pass fewer
+    norm = clip_and_step(optimizer, [p for p in model.parameters() if p.grad is not None], max_grad_norm)
     optimizer.zero_grad(set_to_none=True)                     # set_to_none: the next backward writes afresh
     return total, count, norm
+
+
+def clip_and_step(optimizer, params, max_grad_norm):
+    """Clip the gradient's norm to `max_grad_norm` (0: no clipping), then AdamW's step. Returns the
+    norm before clipping (None without clipping)."""
+    if max_grad_norm > 0 and tricks.enabled("clip_in_adamw") and tricks.clips_inside_adamw(optimizer):
+        return tricks.clip_inside_adamw(optimizer, params, max_grad_norm)    # the same two lines, one pass fewer
+    norm = None
+    if max_grad_norm > 0:
+        # One odd batch can give a huge gradient; clipping its norm to 1.0 keeps a single step from
+        # undoing what pre-training learned.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return norm
 
 
 def validation(args, run, tokenizer, data, labels):
@@ -361,13 +375,13 @@ def find_learning_rate(args, run, model, train_model, optimizer, tokenizer, data
     """--lr-find (nanotune/tools/lr_find.py), stepping with this file's train_step."""
     train_ids, train_labels, val_ids, val_labels = data
     labels = model.config.labels if run.task == "classify" else None
-    class_weights = balanced_class_weights(train_labels, len(labels), run.device) if args.class_weights else None
+    loss_options = loss_settings(args, train_labels, labels, run.device)
 
     def step(indices, lr):
         batch = make_batch(run.task, train_ids, train_labels, indices, tokenizer.pad_id, run.device)
         summed, count, _ = train_step(train_model, [batch], optimizer, lr, run.task, args.max_grad_norm, run.device,
-                                      run.autocast, class_weights=class_weights, label_smoothing=args.label_smoothing)
-        return float(summed) / count
+                                      run.autocast, **loss_options)
+        return float(summed) / count if count else None        # None: nothing scored in this batch
     validate = lambda: validation(args, run, tokenizer, data, labels)(train_model) if val_ids else {}
     batches = batch_order(len(train_ids), args.batch_size, args.seed, 0)
     return lr_find.run(model, optimizer, step, batches, validate, Path(args.out), args.lr_find_check, run.print)

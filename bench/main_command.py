@@ -39,7 +39,7 @@ import torch
 sys.argv = sys.argv[1:]
 sys.path.insert(0, ".")
 import train
-from nanotune.run.checkpoint import BackgroundSaver
+from nanotune.run.checkpoint import Saver
 from nanotune.run.metrics import MetricsLog
 times = {"fit": [], "steps": [], "shapes": [], "evaluation": [], "saving": [], "plot": [], "background": []}
 
@@ -89,10 +89,9 @@ def evaluate_then_measure(*args, **kwargs):
 train_step, fit, evaluate = train.train_step, train.fit, train.evaluate
 train.train_step, train.fit = timed_step, timed(train.fit, "fit")
 train.evaluate = evaluate_then_measure
-train.save_model, train.save_state = timed(train.save_model, "saving"), timed(train.save_state, "saving")
-BackgroundSaver.save = timed(BackgroundSaver.save, "saving")
-BackgroundSaver.wait = timed(BackgroundSaver.wait, "saving")
-BackgroundSaver._write = timed(BackgroundSaver._write, "background")
+Saver.save = timed(Saver.save, "saving")
+Saver.stop = timed(Saver.stop, "saving")
+Saver._write = timed(Saver._write, "background")
 MetricsLog.plot = timed(MetricsLog.plot, "plot")
 try:
     train.run_command(train.main, train.parse_args)

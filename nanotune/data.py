@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import tricks
 from .errors import NanotuneError
 from .losses import IGNORE
 from .tokenizer import pad
@@ -130,8 +131,32 @@ def read_conversations(path, rows):
         else:
             as_turns = lambda part, role: part if isinstance(part, list) else [{"role": role, "content": part}]
             messages = as_turns(row["prompt"], "user") + as_turns(row["completion"], "assistant")
-        examples.append({"messages": check_conversation(messages, f"{path} {where}")})
+        examples.append({"messages": check_conversation(messages, f"{path} {where}"), "where": f"{path.name} {where}"})
     return examples
+
+
+def fit_conversations(pairs, examples, max_length, name, say):
+    """Conversations' ids and labels cut to `max_length`, and how many were cut. A conversation
+    learns only from its answers' tokens; one cut before any answer token is scored would teach
+    nothing (and a batch of such, with nothing to average over, a 0 / 0). Those are left out and
+    named, with the --max-length that keeps them whole; none left is an error, before any write.
+    (Position t is scored on token t + 1, so an answer token counts from position 1 on.)"""
+    kept, lost, cut = [], [], 0
+    for (ids, labels), example in zip(pairs, examples):
+        if any(label != IGNORE for label in labels[1:max_length]):
+            kept.append((ids[:max_length], labels[:max_length]))
+            cut += len(ids) > max_length
+        else:
+            lost.append((example.get("where", "?"), len(ids)))
+    if lost:
+        lines = ", ".join(w for w, _ in lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
+        need = max(n for _, n in lost)
+        told = (f"{len(lost)} of {len(pairs)} {name} conversations have no answer token within --max-length"
+                f" {max_length} ({lines}); --max-length {need} would keep them whole")
+        if not kept:
+            raise NanotuneError(f"{told}: no {name} conversation is left: raise --max-length or shorten the prompts")
+        say(f"note: {told}; they are left out, as nothing of them would be learned")
+    return [ids for ids, _ in kept], [labels for _, labels in kept], cut
 
 
 def split(examples, fraction, seed):
@@ -319,13 +344,18 @@ def classify_batch(sequences, labels, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
 
 
-def make_batch(task, sequences, labels, indices, pad_id, device):
+def make_batch(task, sequences, labels, indices, pad_id, device, context=None):
     """A batch of the examples at `indices`, on `device`: for a language model `labels` holds each
-    sequence's per-token labels (None: the ids themselves), for a classifier each example's label id."""
+    sequence's per-token labels (None: the ids themselves), for a classifier each example's label id.
+    Padded to its longest example (the chapter pads every batch to 512, which spends most of the
+    compute on padding); for training (`context`: the model's), by the few_shapes trick on to a
+    multiple of 8 positions, up to the context."""
     if task == "lm":
         batch = lm_batch([sequences[i] for i in indices], pad_id, [labels[i] for i in indices] if labels else None)
     else:
         batch = classify_batch([sequences[i] for i in indices], [labels[i] for i in indices], pad_id)
+    if context is not None and tricks.enabled("few_shapes"):      # widths in steps of 8: a few shapes, reused
+        batch = tricks.padded_to_multiple(batch, pad_id, context)
     return {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
 
 

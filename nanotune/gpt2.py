@@ -216,9 +216,11 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_hub(cls, name, tensor):
-        # A transposed view, no copy: the matrix product reads either layout. Weights that will be
-        # trained get a contiguous copy when the optimizer is made (hub.own_memory).
-        return tensor.t() if name.endswith(cls.CONV1D) else tensor
+        if not name.endswith(cls.CONV1D):
+            return tensor
+        if tricks.enabled("transposed_views"):    # a view of the file's bytes, no copy (tricks.own_memory)
+            return tensor.t()
+        return tensor.t().contiguous()            # (in, out) -> (out, in), a copy in nn.Linear's order
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):

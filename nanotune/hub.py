@@ -7,16 +7,15 @@ run code when loaded, so nanotune refuses them.
 """
 import dataclasses
 import json
-import mmap
 import os
 import types
-import weakref
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from . import files
+from . import files, tricks
+from .tricks import own_memory  # noqa: F401  (the transposed_views trick's; the optimizer and DDP call it)
 from .errors import NanotuneError
 
 # What nanotune needs from a model repository; nothing else is downloaded.
@@ -174,74 +173,20 @@ def checkpoint_shapes(folder: Path) -> dict:
 
 
 def iter_checkpoint(folder: Path):
-    """Yield (key, tensor) one tensor at a time.
+    """Yield (key, tensor) one tensor at a time, each file's header checked first.
 
     A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte
-    range) and the raw bytes. The file is memory-mapped copy-on-write and each tensor is a view of
-    its bytes: nothing is copied, and pages are read from disk only when used. Once the caller has
-    taken a tensor (kept the view, copied it, or quantized it), its pages are handed back to the OS
-    (MADV_DONTNEED), so a checkpoint is never resident twice; a kept view simply re-reads them
-    from the file on next use. (safetensors' own `safe_open` copies every tensor into memory.)
+    range) and the raw bytes. The plain way to read one: `safetensors.torch.load_file`, every
+    tensor copied into memory. Its twin, the mapped_checkpoint trick (tricks.mapped_tensors),
+    maps the file and hands out views of its bytes, so a checkpoint is never resident twice.
     """
     for file in checkpoint_files(folder):
         with open(file, "rb") as f:
             header_len, entries, size = _read_header(f, file)
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-        if data is not None:
-            _MAPPINGS[:] = [m for m in _MAPPINGS if m[0]() is not None]
-            _MAPPINGS.append((weakref.ref(data), torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr(), size))
-        base = 8 + header_len
-        for key, entry in entries.items():
-            start, stop = entry["data_offsets"]
-            dtype = DTYPES[entry["dtype"]]
-            count = (stop - start) // dtype.itemsize
-            if count:
-                tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=base + start)
-            else:
-                tensor = torch.empty(0, dtype=dtype)
-            yield key, tensor.view(entry["shape"])
-            # Page-aligned part of this tensor's bytes: no longer needed in memory.
-            first, last = (base + start + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (base + stop) // mmap.PAGESIZE
-            if last > first and hasattr(mmap, "MADV_DONTNEED"):
-                data.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
-
-
-# The checkpoint files mapped so far: (weak reference to the mmap, address of its first byte, size).
-_MAPPINGS = []
-
-
-def own_memory(params) -> None:
-    """Give each parameter that is a transposed view (GPT-2's Conv1D weights, read from the mapped
-    file as they are stored) memory of its own in (out, in) order, and hand the file's pages back.
-
-    Done only for weights an optimizer will step: fused AdamW wants the weight, its gradient and
-    its two moments contiguous, and would copy them there and back at every step. Frozen and
-    inference-only weights stay views of the file, so loading costs no memory beyond what is used.
-    One weight at a time, so the copy never holds more than one extra tensor.
-    """
-    for p in params:
-        if p.is_contiguous():
+        if tricks.enabled("mapped_checkpoint"):
+            yield from tricks.mapped_tensors(file, header_len, entries, size, DTYPES)
             continue
-        view = p.data
-        p.data = view.contiguous()
-        _release(view)
-
-
-def _release(view) -> None:
-    """MADV_DONTNEED the whole pages under `view` if it lies in a mapped checkpoint (not written to
-    by anyone but this view: its bytes belong to one tensor). Memory outside the mappings is never
-    touched: discarding it would zero it."""
-    if view.dim() != 2 or not view.t().is_contiguous():
-        return
-    start = view.data_ptr()
-    stop = start + view.numel() * view.element_size()
-    for ref, base, size in _MAPPINGS:
-        data = ref()
-        if data is not None and base <= start and stop <= base + size and hasattr(mmap, "MADV_DONTNEED"):
-            first, last = (start - base + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (stop - base) // mmap.PAGESIZE
-            if last > first:
-                data.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
-            return
+        yield from load_file(file).items()
 
 
 def _short(names) -> str:
@@ -259,7 +204,6 @@ def load_weights(model, folder: Path, hub_to_name, from_hub=None, dtype=torch.fl
     `quantize` (a QuantConfig): swap the linear layers for 8/4-bit ones (quantize.py), each as soon
     as it is loaded (tricks.quantize_while_loading) or all of them afterwards (--plain).
     """
-    from . import tricks
     from .quantize import check, quantize_linears
     streaming = quantize is not None and tricks.enabled("quantize_in_pieces")
     after_load = tricks.quantize_while_loading(model, quantize) if streaming else None

@@ -67,6 +67,7 @@ def quantized_linear(linear: nn.Linear, q: QuantConfig, quantize_4bit=None):
         layer.support_avx512bf16_for_cpu = layer.support_avx512bf16_for_cpu and q.cpu_inference_kernel and fits_kernel
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    layer.train(linear.training)             # in the mode of the layer it replaces (eval after loading)
     return layer.to(linear.weight.device)    # 8-bit: bitsandbytes quantizes the weight as it moves to its device
 
 

@@ -23,25 +23,33 @@ Each trick: its name, the plain version (where a reader meets it) -> the fast tw
   model -> Int8Linear: PyTorch's int8 weight-only kernel; Bf16Linear for 4-bit layers without
   bitsandbytes' fast kernel; the output layer read in bf16
 - fast_sampling: torch.multinomial -> sample: inverse transform sampling
-- few_shapes: train.fit: each batch padded to its longest example -> padded_to_multiple: and on to a
-  multiple of 8 positions
-- clip_in_adamw: train.train_step: clip_grad_norm_ scales the gradients, then AdamW reads them ->
+- few_shapes: data.make_batch: each batch padded to its longest example -> padded_to_multiple: and on
+  to a multiple of 8 positions
+- clip_in_adamw: train.clip_and_step: clip_grad_norm_ scales the gradients, then AdamW reads them ->
   clip_inside_adamw: the norm measured, the scale handed to AdamW's fused pass
 - keep_freed_memory: the C library's malloc as it is -> keep_freed_memory: each step reuses the
   last step's memory
-- quantize_in_pieces: quantize.quantize_linears: the whole model loaded, then each layer swapped ->
-  quantize_while_loading: each layer swapped as it loads, 4-bit weights a slice at a time
-- background_saving: train.fit's step 7, the model and the training state written while training
-  waits -> run/checkpoint.BackgroundSaver: copied, then written by a thread while the next epoch
-  trains, where a processor is free for the writer (the one twin outside this module: it is the
-  run's machinery, not the book's)
+- quantize_in_pieces: train.load_pretrained: the whole model loaded, then quantize.quantize_linears
+  swaps each layer -> quantize_while_loading: each layer swapped as it loads, 4-bit weights a slice
+  at a time
+- background_saving: run/checkpoint.Saver.save: the model and the training state written while
+  training waits -> Saver._save_in_background: copied, then written by a thread while the next
+  epoch trains, where a processor is free for the writer (the one twin outside this module: it is
+  the run's machinery, not the book's)
+- mapped_checkpoint: hub.iter_checkpoint: safetensors.torch.load_file, every tensor copied into
+  memory -> mapped_tensors: views of the memory-mapped file, its pages handed back once taken
+- transposed_views: gpt2.GPT2.from_hub: each Conv1D weight copied into nn.Linear's (out, in) order ->
+  a transposed view of the checkpoint's bytes; own_memory gives the weights an optimizer steps
+  memory of their own
 
 `python train.py --plain` and `python generate.py --plain` turn every trick off (`--plain
 attention,chunked_loss` only those); from Python, `with nanotune.plain(): ...`.
 """
 import ctypes
 import math
+import mmap
 import sys
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -52,7 +60,8 @@ import torch.nn.functional as F
 from .quantize import BLOCK, _bitsandbytes, check, dequantized_weight, quantized_linear
 
 NAMES = ("few_shapes", "dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "quantized_decoding",
-         "fast_sampling", "clip_in_adamw", "keep_freed_memory", "quantize_in_pieces", "background_saving")
+         "fast_sampling", "clip_in_adamw", "keep_freed_memory", "quantize_in_pieces", "background_saving",
+         "mapped_checkpoint", "transposed_views")
 _off = set()            # the tricks turned off in this process
 
 
@@ -625,3 +634,79 @@ def release_freed_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# ---- mapped_checkpoint ---------------------------------------------------------------------------
+
+# The checkpoint files mapped so far: (weak reference to the mmap, address of its first byte, size).
+_MAPPINGS = []
+
+
+def mapped_tensors(file, header_len, entries, size, dtypes):
+    """safetensors.torch.load_file(file).items(), as views of the file's bytes (hub.iter_checkpoint).
+
+    The file is memory-mapped copy-on-write and each tensor is a view of its bytes: nothing is
+    copied, and pages are read from disk only when used. Once the caller has taken a tensor (kept
+    the view, copied it, or quantized it), its pages are handed back to the OS (MADV_DONTNEED), so a
+    checkpoint is never resident twice; a kept view simply re-reads them from the file on next use.
+    Why it may: the same bytes, read in place rather than copied, so the same tensors
+    (tests/test_tricks.py compares them). `header_len`, `entries`, `size`: the checked header."""
+    with open(file, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    if data is not None:
+        _MAPPINGS[:] = [m for m in _MAPPINGS if m[0]() is not None]
+        _MAPPINGS.append((weakref.ref(data), torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr(), size))
+    base = 8 + header_len
+    for key, entry in entries.items():
+        start, stop = entry["data_offsets"]
+        dtype = dtypes[entry["dtype"]]
+        count = (stop - start) // dtype.itemsize
+        if count:
+            tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=base + start)
+        else:
+            tensor = torch.empty(0, dtype=dtype)
+        yield key, tensor.view(entry["shape"])
+        # Page-aligned part of this tensor's bytes: no longer needed in memory.
+        first, last = (base + start + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (base + stop) // mmap.PAGESIZE
+        if last > first and hasattr(mmap, "MADV_DONTNEED"):
+            data.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
+
+
+# ---- transposed_views ----------------------------------------------------------------------------
+
+def own_memory(params) -> None:
+    """The transposed_views trick's second half. GPT-2's four Conv1D weights are stored (in, out),
+    the transpose of nn.Linear's (out, in); the plain load (gpt2.GPT2.from_hub) copies each into
+    (out, in) order, the twin keeps a transposed view of the checkpoint's bytes (the matrix product
+    reads either layout: the same numbers). Here each parameter that is such a view gets memory of
+    its own in (out, in) order, and the file's pages are handed back.
+
+    Done only for weights an optimizer will step: fused AdamW wants the weight, its gradient and
+    its two moments contiguous, and would copy them there and back at every step. Frozen and
+    inference-only weights stay views of the file, so loading costs no memory beyond what is used.
+    One weight at a time, so the copy never holds more than one extra tensor. (After a plain load
+    every weight is contiguous already, and nothing happens.)
+    """
+    for p in params:
+        if p.is_contiguous():
+            continue
+        view = p.data
+        p.data = view.contiguous()
+        _release(view)
+
+
+def _release(view) -> None:
+    """MADV_DONTNEED the whole pages under `view` if it lies in a mapped checkpoint (not written to
+    by anyone but this view: its bytes belong to one tensor). Memory outside the mappings is never
+    touched: discarding it would zero it."""
+    if view.dim() != 2 or not view.t().is_contiguous():
+        return
+    start = view.data_ptr()
+    stop = start + view.numel() * view.element_size()
+    for ref, base, size in _MAPPINGS:
+        data = ref()
+        if data is not None and base <= start and stop <= base + size and hasattr(mmap, "MADV_DONTNEED"):
+            first, last = (start - base + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (stop - base) // mmap.PAGESIZE
+            if last > first:
+                data.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
+            return

@@ -408,6 +408,63 @@ def test_a_4bit_model_loads_the_same_either_way(bpe_dir, tmp_path):
     assert torch.equal(fast, textbook)
 
 
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_the_quantization_step_of_train_py_equals_its_twin(bpe_dir, tmp_path, mode):
+    """train.load_pretrained: the whole model loaded, then quantize_linears (--plain), or each layer
+    swapped as it loads (the trick): the same quantized weights, the same logits."""
+    from types import SimpleNamespace
+
+    from conftest import make_gpt2
+    folder = make_gpt2(tmp_path / "m", bpe_dir, n_embd=64, n_head=4)
+    args = SimpleNamespace(model=str(folder), new_head=False)
+    run = SimpleNamespace(device=torch.device("cpu"), quant=QuantConfig(mode))
+    ids = torch.tensor([list(range(1, 20))])
+    fast = train.load_pretrained(args, run, None)
+    with plain(["quantize_in_pieces"]):
+        textbook = train.load_pretrained(args, run, None)
+    assert {type(m).__name__ for m in textbook.modules()} == {type(m).__name__ for m in fast.modules()}
+    assert any(type(m).__name__.startswith("Linear") and "bit" in type(m).__name__ for m in textbook.modules())
+    with torch.no_grad():
+        assert torch.equal(fast(ids), textbook(ids))
+
+
+# ---- mapped_checkpoint, transposed_views -----------------------------------------------------------
+
+def test_a_mapped_checkpoint_reads_what_load_file_reads(tiny_gpt2, tiny_llama):
+    from safetensors.torch import load_file
+
+    from nanotune import hub
+    for folder in (tiny_gpt2, tiny_llama):
+        reference = load_file(folder / "model.safetensors")
+        with plain(["mapped_checkpoint"]):
+            textbook = dict(hub.iter_checkpoint(folder))
+        fast = dict(hub.iter_checkpoint(folder))
+        assert fast.keys() == textbook.keys() == reference.keys()
+        assert all(torch.equal(fast[k], reference[k]) and torch.equal(textbook[k], reference[k]) for k in reference)
+
+
+def test_gpt2_loads_the_same_weights_as_views_or_as_copies(tiny_gpt2):
+    """The plain load copies each Conv1D weight into (out, in) order; the twin keeps transposed
+    views, and own_memory (when the optimizer is made) gives the trained ones memory of their own:
+    the same weights either way, and the same first training step."""
+    from nanotune.optim import make_optimizer
+    with plain(["transposed_views", "mapped_checkpoint"]):
+        textbook = GPT2.from_pretrained(tiny_gpt2)
+    fast = GPT2.from_pretrained(tiny_gpt2)
+    assert all(t.is_contiguous() for t in textbook.state_dict().values())
+    assert any(not t.is_contiguous() for t in fast.state_dict().values())
+    tok = load_tokenizer(tiny_gpt2)
+    batch = lm_batch([tok.encode(t) for t in TEXTS], tok.pad_id)
+    for model in (textbook, fast):
+        without_dropout(model.train())
+        optimizer = make_optimizer(model, 1e-3, 0.01)          # own_memory: the fast views become copies
+        train.loss_sum(model, batch, "lm").backward()
+        optimizer.step()
+    assert all(t.is_contiguous() for t in fast.state_dict().values())
+    a, b = textbook.state_dict(), fast.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---- keep_freed_memory -----------------------------------------------------------------------
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
@@ -443,7 +500,7 @@ def test_a_background_save_writes_what_the_plain_save_writes(tmp_path, tiny_gpt2
 
     from nanotune.lora import LoRAConfig, add_lora
     from nanotune.optim import make_optimizer
-    from nanotune.run.checkpoint import BackgroundSaver, save_state
+    from nanotune.run.checkpoint import Saver, save_state
     model, tokenizer = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)
     config = LoRAConfig(("c_attn", "c_proj", "c_fc"), r=2) if lora else None
     if lora:
@@ -464,9 +521,9 @@ def test_a_background_save_writes_what_the_plain_save_writes(tmp_path, tiny_gpt2
     torch.set_rng_state(rng)
     import threading
     trained = threading.Event()       # the files are written after the next epoch's steps changed everything
-    saver = BackgroundSaver(tmp_path / "background", model, optimizer,
-                            lambda w: (trained.wait(), save(tmp_path / "background", w)))
-    saver.save(True, progress, whole_model=not lora)
+    saver = Saver(tmp_path / "background", model, optimizer, lambda w: (trained.wait(), save(tmp_path / "background", w)),
+                  background=True, whole_model=not lora)
+    saver.save(True, progress)
     for _ in range(3):
         step()
     trained.set()

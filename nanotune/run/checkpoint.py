@@ -191,31 +191,54 @@ class StopSignals:
         return bool(sum_across(self.received is not None, device=device)[0])
 
 
-class BackgroundSaver:
-    """The `background_saving` trick. The plain version (train.fit, step 7) writes the model when it
-    improved, then the training state, and the next epoch waits for both. Here the same two files
-    are written by a thread while the next epoch trains.
+class Saver:
+    """Step 7 of train.fit, one call an epoch: `save` writes the model when it improved (the best
+    epoch so far), then the training state to resume from. The model first: a kill between the two
+    redoes the epoch, and the state never runs ahead of the model. Nothing that is not finite is
+    ever written: a model whose weights hold nan or inf stops the run instead.
 
-    Why it may: what the files hold is copied first (the weights, AdamW's moments, the random
-    state), so they hold the epoch's end whatever training does next: the same tensors the plain
-    version writes (tests/test_tricks.py compares them). The thread writes the model before the
-    state, as the plain version does, so the state never runs ahead of the model; each file is
-    written atomically, so a kill at any moment leaves the last complete one. One write at a time:
-    `save` waits for the one before, and `wait` (before the run stops or ends) for the last. The
-    copies cost memory as large as what they copy, for the seconds of the write (the memory
-    estimate counts them); a write that fails stops the run at the next `save` or `wait`, with the
-    one line every write error gets."""
+    The plain version writes both in place while training waits. Its twin, the `background_saving`
+    trick (where saves_in_background allows it, and never for the last epoch, which has nothing to
+    overlap): the same two files written by a thread while the next epoch trains. Why it may: what
+    the files hold is copied first (the weights, AdamW's moments, the random state), so they hold
+    the epoch's end whatever training does next: the same tensors the plain version writes
+    (tests/test_tricks.py compares them). Each file is written atomically, so a kill at any moment
+    leaves the last complete one. One write at a time: `save` waits for the one before, and `wait`
+    (before the run stops or ends) for the last. The copies cost memory as large as what they copy,
+    for the seconds of the write (the memory estimate counts them); a write that fails stops the run
+    at the next `save` or `wait`, with the one line every write error gets.
 
-    def __init__(self, out, model, optimizer, save_model):
+    `save_model(weights)` writes the model (weights None: the model's own tensors); `background`:
+    saves_in_background's answer; `whole_model`: the model file holds every weight (not a LoRA
+    adapter's few)."""
+
+    def __init__(self, out, model, optimizer, save_model, background=False, sharded=False, whole_model=True):
         self.out, self.model, self.optimizer, self.save_model = Path(out), model, optimizer, save_model
+        self.background, self.sharded, self.whole_model = background, sharded, whole_model
         self.thread, self.error = None, None
 
-    def save(self, improved, progress, whole_model):
-        """`whole_model`: the model file holds every weight (not a LoRA adapter's few)."""
+    def save(self, improved, progress, last=False):
+        check_finite(self.model, progress)
+        if tricks.enabled("background_saving") and self.background and not last:
+            return self._save_in_background(improved, progress)
+        self.wait()
+        if improved:
+            self.save_model(None)
+        save_state(self.out / "checkpoint", self.model, self.optimizer, progress, sharded=self.sharded)
+
+    def stop(self, progress, signum, say):
+        """Ctrl-C or SIGTERM: save the state after this step, so that --resume continues from it."""
+        self.wait()
+        check_finite(self.model, progress)
+        save_state(self.out / "checkpoint", self.model, self.optimizer, progress, sharded=self.sharded)
+        say(f"stopped by signal {signum}: the state is saved; continue with the same command plus --resume")
+        return 128 + signum
+
+    def _save_in_background(self, improved, progress):
         self.wait()
         copies = {}                             # {id(tensor): its copy}; a tied weight is one tensor
         for t in self.model.state_dict(keep_vars=True).values():
-            if t.requires_grad or (improved and whole_model):
+            if t.requires_grad or (improved and self.whole_model):
                 copies.setdefault(id(t), t.detach().clone())
         weights = {n: copies[id(t)] for n, t in self.model.state_dict(keep_vars=True).items() if id(t) in copies}
         state = training_state(self.model, self.optimizer, progress, copies)
@@ -239,9 +262,19 @@ class BackgroundSaver:
             raise error
 
 
+def check_finite(model, progress):
+    """A model with a nan or inf weight is never saved: the run stops, naming the first such weight."""
+    for name, p in model.named_parameters():
+        local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()     # FSDP: this rank's shard
+        if p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(local).all()):
+            raise NanotuneError(f"the weight {name} holds nan or inf after step {progress.get('step')}, so nothing"
+                                " of this run from that point is saved (the last saved model is unchanged): training"
+                                " diverged; lower --lr, keep --max-grad-norm on, or check the data")
+
+
 def saves_in_background(run, epochs) -> bool:
-    """Whether train.fit hands an epoch's save to a BackgroundSaver: one process (under DDP or FSDP
-    every rank takes part in a save), more than one epoch (the last epoch's save has nothing to
+    """Whether the background_saving trick may serve train.fit's Saver: one process (under DDP or
+    FSDP every rank takes part in a save), more than one epoch (the last epoch's save has nothing to
     overlap), and a processor left for the writer. Writing 1.4 GB (GPT-2 124M's weights and AdamW's
     moments) is seconds of work for a CPU: the kernel copies every byte into its page cache. Training
     on a GPU leaves the CPU to it; training on the CPU with a PyTorch thread on every core does not,
@@ -249,11 +282,4 @@ def saves_in_background(run, epochs) -> bool:
     So on a CPU: only when PyTorch runs on fewer threads than there are cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     spare = run.device.type != "cpu" or torch.get_num_threads() < cores
-    return tricks.enabled("background_saving") and run.world == 1 and epochs > 1 and spare
-
-
-def save_and_stop(out, model, optimizer, progress, sharded, say, signum):
-    """Ctrl-C or SIGTERM: save the state after this step, so that --resume continues from it."""
-    save_state(Path(out) / "checkpoint", model, optimizer, progress, sharded=sharded)
-    say(f"stopped by signal {signum}: the state is saved; continue with the same command plus --resume")
-    return 128 + signum
+    return run.world == 1 and epochs > 1 and spare

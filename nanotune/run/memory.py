@@ -345,12 +345,13 @@ def check(args, run, config, report, num_labels):
     run that would not fit stops here, with the settings that would. Returns the estimate."""
     lengths = report["lengths"]
     seq = lengths["max_length"] if run.task == "lm" and args.pack else min(lengths["max"], lengths["max_length"])
-    if tricks.enabled("few_shapes"):                # train.fit pads each batch on to a multiple of 8
+    if tricks.enabled("few_shapes"):                # data.make_batch pads each batch on to a multiple of 8
         seq = tricks.padded_width(seq, lengths["max_length"])
     settings = dict(batch=args.batch_size, seq=seq, bf16=args.bf16, quant=run.quant, lora=run.lora,
                     checkpointing=args.grad_checkpointing, labels=num_labels,
                     chunked_loss=tricks.enabled("chunked_loss"), on_gpu=run.device.type == "cuda",
-                    background_saving=saves_in_background(run, min(args.epochs, args.stop_after_epochs or args.epochs)))
+                    background_saving=tricks.enabled("background_saving")
+                    and saves_in_background(run, min(args.epochs, args.stop_after_epochs or args.epochs)))
     parts = estimate(config, **settings)
     run.print(format_estimate(parts, args.batch_size, seq))
     free = free_memory(run.device)

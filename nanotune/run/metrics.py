@@ -43,12 +43,13 @@ class RunningLoss:
             self.steps += 1
 
     def read(self, device):
-        """(mean loss, tokens per second, {"grad_norm", "clipped"} or {})."""
+        """(mean loss, or None when nothing was scored since the last report; tokens per second;
+        {"grad_norm", "clipped"} or {})."""
         loss, count, tokens = sum_across(self.loss.item(), self.count, self.tokens, device=device)
         norms = {}
         if self.steps:
             norms = {"grad_norm": self.norm.item() / self.steps, "clipped": self.clipped.item() / self.steps}
-        result = loss / count, tokens / (time.time() - self.start), norms
+        result = loss / count if count else None, tokens / (time.time() - self.start), norms
         self._reset()
         return result
 
@@ -102,6 +103,8 @@ def report_training(running, bar, log, epoch, step, lr, device):
     """The mean loss since the last report, on the progress bar and in metrics.jsonl; a loss
     that is no longer finite stops the run before anything of it is saved."""
     loss, speed, norms = running.read(device)
+    if loss is None:                      # no token scored since the last report: no mean to show
+        return
     if not math.isfinite(loss):
         bar.close()
         raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
@@ -112,7 +115,8 @@ def report_training(running, bar, log, epoch, step, lr, device):
 
 def describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, task):
     """The data line train.py prints once tokenized: examples, tokens, what was cut, the padding."""
-    cut = "split into windows" if task == "lm" else "truncated"
+    chats = bool(train_examples) and "messages" in train_examples[0]
+    cut = "cut at the end" if chats else "split into windows" if task == "lm" else "truncated"
     lengths = [len(ids) for ids in train_ids]
     return (f"data: {len(train_examples)} training and {len(val_examples)} validation examples,"
             f" {sum(lengths):,} training tokens"

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from ..errors import NanotuneError
-from ..files import atomic_write, cannot_write, write_json
+from ..files import atomic_write, cannot_write, remove_staging, write_json
 
 LOCK = ".nanotune.lock"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -45,9 +45,14 @@ TRIAL = re.compile(r"trial-\d{3,}$")        # a hyper-parameter search's trials:
 MARKERS = ("args.json", "metrics.jsonl", "checkpoint/training_state.pt", "search.json")
 
 
+TEMPORARY = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
 def is_temporary(name):
-    """files.atomic_write's temporary files, `.NAME.RANDOM.tmp`, left behind if a run was killed mid-write."""
-    return name.startswith(".") and name.endswith(".tmp")
+    """What a run killed mid-write leaves: files.atomic_write's `.NAME.RANDOM.tmp` (a folder, and
+    a file in earlier versions), or safetensors' own `.tmpXXXXXX`, which earlier versions let it
+    write straight into the output folder."""
+    return bool(TEMPORARY.fullmatch(name))
 
 
 def _entries(folder: Path, rule=RUN, top=True):
@@ -231,7 +236,9 @@ class RunFolder:
             for entry in folder.iterdir():
                 # half-written files of a killed run; when replacing, also the locks its trials left
                 stale_lock = replace and entry.name == LOCK and folder != self.out
-                if entry.is_file() and (is_temporary(entry.name) or stale_lock):
+                if entry.is_dir() and not entry.is_symlink() and is_temporary(entry.name):
+                    remove_staging(entry)
+                elif entry.is_file() and (is_temporary(entry.name) or stale_lock):
                     entry.unlink()
         if replace:
             ours, _ = _entries(self.out)

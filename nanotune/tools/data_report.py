@@ -35,8 +35,15 @@ def data_report(examples, tokenizer, task, max_length, truncation="head", top=10
         elif len(ids) > 1 and not c.isascii():
             unencodable[c] = {"count": count, "as": f"{len(ids)} byte pieces"}
 
-    # Lengths in tokens, as training sees them (LM texts end with EOS; classification has [CLS] ... [SEP]).
-    lengths = [len(enc.ids) + (1 if task == "lm" else 0) for enc in encodings]
+    # Lengths in tokens, as training sees them (LM texts end with EOS; classification has [CLS] ... [SEP];
+    # a conversation's template writes its own ends). What --max-length does to the longer ones: a
+    # text is cut into windows, every token still trained on; a conversation is cut, and what is cut
+    # off, its answer's end or the whole answer, is not learned (train.tokenize leaves out the
+    # conversations with no answer token left, and names them).
+    chats = bool(examples) and "messages" in examples[0]
+    lengths = [len(enc.ids) + (1 if task == "lm" and not chats else 0) for enc in encodings]
+    handling = ("cut at --max-length: the tokens beyond it are not trained on" if chats else
+                "cut into windows (all tokens kept)" if task == "lm" else f"truncated ({truncation})")
     cut = [n for n in lengths if n > max_length]
     ordered = sorted(lengths)
     report = {
@@ -49,7 +56,7 @@ def data_report(examples, tokenizer, task, max_length, truncation="head", top=10
                     "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
                     "max": max(lengths), "max_length": max_length, "longer": len(cut),
                     "tokens_beyond": sum(n - max_length for n in cut),
-                    "handling": "cut into windows (all tokens kept)" if task == "lm" else f"truncated ({truncation})"},
+                    "handling": handling},
         "specials": sorted(i for i in specials if i is not None),
     }
     if task == "classify":

@@ -122,10 +122,16 @@ def run(model, optimizer, step, batches, validate, out, check=False, say=print):
     """--lr-find: the range test on the training data, its table and plot (OUT/lr_find.json and
     .png, never the run's own records), a suggested rate; with `check` (--lr-find-check), a few
     steps at the suggestion and at a tenth of it. `step(indices, lr)` takes one optimizer step on
-    those examples and returns its mean loss; `validate()` gives the validation scores, or {}.
+    those examples and returns its mean loss (None when they have nothing to score: the next batch
+    is taken); `validate()` gives the validation scores, or {}.
     The weights and the optimizer are put back after each: nothing here is trained for real."""
     cycle = itertools.cycle(batches)
-    step_at = lambda lr: step(next(cycle), lr)
+
+    def step_at(lr):
+        loss = None
+        while loss is None:
+            loss = step(next(cycle), lr)
+        return loss
     result = lr_range_test(model, optimizer, step_at)
     suggested = suggestions(result)
     say(format_table(result, suggested))

@@ -28,7 +28,7 @@ from .losses import IGNORE
 from .models import check_tokenizer_fits, load_model
 from .optim import lr_at, make_optimizer
 from .rewards import read_task, score
-from .run.checkpoint import StopSignals, save_and_stop, save_state
+from .run.checkpoint import Saver, StopSignals
 from .run.metrics import MetricsLog
 from .run.output import take
 
@@ -130,6 +130,12 @@ def learn(model, reference, optimizer, lr, prompts, answers, advantages, args):
     return loss.item(), clipped[real].float().mean().item(), kl, norm.item()
 
 
+def save_model(model, tokenizer, out, lora, args):
+    """The model in the Hub layout (or the LoRA adapter in PEFT's), and its tokenizer."""
+    save_adapter(model, out, lora, args.model) if lora else model.save_pretrained(out)
+    tokenizer.save(out)
+
+
 def train(args, run):
     """`python train.py --reward FILE.py:function`: the six steps above, epoch by epoch over the prompts."""
     task = read_task(args, run)          # prompts, reward functions, tokenizer, room: checked before the model loads
@@ -148,6 +154,7 @@ def train(args, run):
     run.print(f"reward before training (greedy, {task.held_out}): {before:.3f}")
     rows, tokenizer, stops, G = task.rows, task.tokenizer, task.stops, args.group_size
     stop, step, total = StopSignals(), progress["step"], math.ceil(len(rows) / args.batch_size) * args.epochs
+    saver = Saver(out, model, optimizer, lambda weights: save_model(model, tokenizer, out, run.lora, args))
     for epoch in range(progress["epoch"], args.epochs):
         batches = batch_order(len(rows), args.batch_size, args.seed, epoch)        # the same after a resume
         first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
@@ -183,15 +190,13 @@ def train(args, run):
                       .format(step, **record))
             if stop.requested(run.device):
                 where = progress | {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
-                return save_and_stop(out, model, optimizer, where, False, run.print, stop.received)
+                return saver.stop(where, stop.received, run.print)
         # After every epoch: the held-out reward, the model, then the state to resume from.
         progress.update(epoch=epoch + 1, step_in_epoch=0, step=step)
         after = task.held_out_reward(model)
         log.log("eval", epoch=epoch + 1, step=step, reward=after)
         run.print(f"epoch {epoch + 1}: reward (greedy, {task.held_out}) {after:.3f}, was {before:.3f}")
-        save_adapter(model, out, run.lora, args.model) if run.lora else model.save_pretrained(out)
-        tokenizer.save(out)
-        save_state(out / "checkpoint", model, optimizer, progress)
+        saver.save(True, progress, last=True)      # in place; a weight that is not finite stops the run
         if args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs and epoch + 1 < args.epochs:
             run.print(f"stopped after epoch {epoch + 1} as asked: continue with the same command plus --resume")
             return 0

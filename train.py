@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotune import NanotuneError, load_tokenizer, tricks
+from nanotune import NanotuneError, load_tokenizer, preference, tricks
 from nanotune.chat import render_conversations
 from nanotune.data import (batch_order, check_something_to_learn, lm_sequences, make_batch, mix, pack, pack_examples,
                            read_examples, split, truncate)
@@ -275,9 +275,11 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     return None
 
 
-def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0):
+def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0, **preference_options):
     """The forward pass and the loss, summed over the batch's scored tokens (LM) or examples
     (classification): the logits, then the loss over them (nanotune/losses.py)."""
+    if task in preference.TASKS:                       # pairs of answers: DPO (nanotune/preference.py)
+        return preference.loss_sum(model, batch, task, label_smoothing=label_smoothing, **preference_options)
     if task == "lm" and tricks.enabled("chunked_loss") and tricks.chunks_the_loss(model):
         return tricks.chunked_lm_loss_sum(model, batch)                # the same sum, never all the logits at once
     if task == "lm":

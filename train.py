@@ -50,8 +50,9 @@ def main(args):
     # and how much memory the run will need, are known before the weights are loaded.
     tokenizer = load_tokenizer(args.model)
     added = grow_tokenizer(tokenizer, args.add_tokens)
-    template = render_conversations(train_examples, val_examples, tokenizer, args.model, args.chat_template,
-                                    args.train_on)                # conversations: the model's own template
+    render = preference.render_pairs if run.task in preference.TASKS else render_conversations
+    template = render(train_examples, val_examples, tokenizer, args.model, args.chat_template,
+                      args.train_on)                              # conversations: the model's own template
     config = model_config(args.model)
     max_length = context_length(args, config, run.task)
     report = data_report(train_examples, tokenizer, run.task, max_length, args.truncate)
@@ -70,6 +71,8 @@ def main(args):
     val_ids, val_labels, _ = tokenize(val_examples, tokenizer, run.task, max_length, labels, args, template)
     check_something_to_learn(run.task, train_ids, val_ids, run.world)
     run.print(describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, run.task))
+    if run.task in preference.TASKS and not (args.show_batch or args.dry_run or args.data_report):
+        preference.prepare(model, run, train_ids + val_ids, args.batch_size, tokenizer.pad_id)   # the reference
     if args.show_batch or args.dry_run:           # the first batch as the model sees it; nothing trained or written
         return batch_view.show_first_batch(args, run, tokenizer, train_ids, train_labels, labels, report, max_length)
 
@@ -145,6 +148,8 @@ def tokenize(examples, tokenizer, task, max_length, labels, args, template=None)
     or a conversation's questions); for a classifier the label's id. Also how many texts were longer
     than `max_length`: never dropped silently (LM texts are cut into windows, classification texts
     and conversations truncated)."""
+    if task in preference.TASKS:                     # pairs: the prompt, then each answer (preference.py)
+        return preference.tokenize_pairs(examples, tokenizer, max_length)
     if examples and "messages" in examples[0]:       # conversations, through the model's chat template
         pairs = [template.tokenize(e["messages"], args.train_on) for e in examples]
         too_long = sum(len(ids) > max_length for ids, _ in pairs)
@@ -173,8 +178,8 @@ def check_inputs(args):
     train_examples, val_examples, label_names = load_data(args, task)
     tokenizer = load_tokenizer(args.model)
     grow_tokenizer(tokenizer, args.add_tokens)
-    template = render_conversations(train_examples, val_examples, tokenizer, args.model, args.chat_template,
-                                    args.train_on)
+    render = preference.render_pairs if task in preference.TASKS else render_conversations
+    template = render(train_examples, val_examples, tokenizer, args.model, args.chat_template, args.train_on)
     max_length = context_length(args, model_config(args.model), task)
     train_ids = tokenize(train_examples, tokenizer, task, max_length, label_names, args, template)[0]
     val_ids = tokenize(val_examples, tokenizer, task, max_length, label_names, args, template)[0]
@@ -192,7 +197,8 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     out, task, device = Path(args.out), run.task, run.device
     labels = model.config.labels if task == "classify" else None
     class_weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights else None
-    loss_options = dict(class_weights=class_weights, label_smoothing=args.label_smoothing)
+    loss_options = dict(class_weights=class_weights, label_smoothing=args.label_smoothing,
+                        **preference.loss_options(args, task))
     lengths = [len(ids) for ids in train_ids] if args.group_by_length else None
     steps_per_epoch = math.ceil(math.ceil(len(train_ids) // run.world / args.batch_size) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
@@ -324,6 +330,10 @@ def train_step(model, micro_batches, optimizer, lr, task, max_grad_norm, device,
 def validation(args, run, tokenizer, data, labels):
     """The validation scores of a model: `evaluate` with the run's batches and precision."""
     _, _, val_ids, val_labels = data
+    if run.task in preference.TASKS:                  # the held-out pairs' loss and rewards
+        return lambda model: preference.evaluate_pairs(model, val_ids, args.batch_size, tokenizer.pad_id, run.device,
+                                                       run.autocast, label_smoothing=args.label_smoothing,
+                                                       **preference.loss_options(args, run.task))
     return lambda model: evaluate(model, run.task, val_ids, val_labels, args.batch_size, tokenizer.pad_id, run.device,
                                   len(labels or ()), run.autocast)
 

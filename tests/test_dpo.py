@@ -3,17 +3,20 @@ transformers', the first step is ln 2 with every reward 0, the reference under L
 model, pairs render as transformers renders them, bad rows stop with their line, and train.py
 trains on pairs through its own loop."""
 import copy
+import json
 import math
 
 import pytest
 import torch
 
+from conftest import ROOT, run_cli
+
 import train
 from nanotune import load_tokenizer
-from nanotune.data import make_batch
+from nanotune.data import make_batch, read_examples
 from nanotune.llama import Llama
 from nanotune.lora import LoRAConfig, add_lora, adapters_off
-from nanotune.preference import (Pair, answer_logps, dpo_loss, loss_sum, render_pairs, reward_loss, sequence_logps,
+from nanotune.preference import (answer_logps, dpo_loss, loss_sum, render_pairs, reward_loss, sequence_logps,
                                  tokenize_pairs, without_dropout)
 
 CHOSEN, REJECTED = [-12.5, -30.0, -7.25], [-14.0, -29.0, -9.5]
@@ -125,3 +128,140 @@ def test_the_reference_under_lora_is_exactly_the_base_model(tiny_llama):
         loss_sum(model, batch, beta=0.1)
     chosen_rewards = 0.1 * (tuned[:3] - expected[:3])
     assert float(batch["metrics"]["rewards/chosen"]) == pytest.approx(float(chosen_rewards.sum()), abs=1e-5)
+
+
+# ---- preference data: rendering and bad rows ------------------------------------------------------
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+          " + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_pairs_render_as_transformers_apply_chat_template_then_the_answer(tmp_path, tiny_llama):
+    from transformers import PreTrainedTokenizerFast
+    rows = [{"prompt": [{"role": "system", "content": "Be funny."}, {"role": "user", "content": "A joke about cats?"}],
+             "chosen": [{"role": "assistant", "content": "My cat knocked my coffee off the table."}],
+             "rejected": {"role": "assistant", "content": "No."}},            # one message, not a list: TRL allows it
+            {"prompt": [{"role": "user", "content": "And dogs?"}], "chosen": "The dog ate my homework.",
+             "rejected": [{"role": "assistant", "content": "Dogs are dogs."}]}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tokenizer = load_tokenizer(tiny_llama)
+    tokenizer.chat_template = CHATML
+    examples = read_examples(tmp_path / "pairs.jsonl")
+    render_pairs(examples, [], tokenizer, "tiny")
+    pairs = tokenize_pairs(examples, tokenizer, 128)[0]
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tiny_llama / "tokenizer.json"))
+    hf.chat_template = CHATML
+    for row, example, pair in zip(rows, examples, pairs):
+        prompt = row["prompt"]
+        ids = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        assert pair.prompt == (ids if isinstance(ids, list) else ids["input_ids"])    # (a dict in transformers 5)
+        for k in ("chosen", "rejected"):
+            answer = row[k] if isinstance(row[k], list) else [row[k]] if isinstance(row[k], dict) else [
+                {"role": "assistant", "content": row[k]}]
+            whole = hf.apply_chat_template(prompt + answer, tokenize=False)
+            assert example["prompt_text"] + example[k + "_text"] == whole.rstrip()        # up to <|im_end|>
+            assert getattr(pair, k) == hf(example[k + "_text"], add_special_tokens=False)["input_ids"]
+            assert example[k + "_text"].endswith(answer[-1]["content"] + "<|im_end|>")
+
+
+def write_rows(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = {"prompt": "Tell me a joke.", "chosen": " A man walks into a library.", "rejected": " No."}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": "Tell me a joke.", "chosen": " A man walks into a library."}, "line 2 has no 'rejected'"),
+    ({"prompt": "Hi", "chosen": " Same.", "rejected": " Same."},
+     "line 2: the chosen and the rejected answer are the same"),
+    ({"prompt": "Hi", "chosen": "  ", "rejected": " No."}, "line 2 has an empty answer"),
+    ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": ""}],
+      "rejected": [{"role": "assistant", "content": "No."}]}, "line 2 mixes plain text and conversations"),
+    ({"prompt": "word " * 40, "chosen": " Yes.", "rejected": " No."}, "line 2: the prompt is"),
+], ids=["missing-field", "chosen-equals-rejected", "empty-answer", "mixed-formats", "no-room-for-the-answer"])
+def test_a_bad_preference_row_exits_2_naming_its_line_before_anything_is_written(tmp_path, tiny_llama, bad, message):
+    data = write_rows(tmp_path / "pairs.jsonl", [GOOD, bad, GOOD])
+    out = tmp_path / "out"
+    r = run_cli("train.py", "--model", tiny_llama, "--data", data, "--val-split", 0, "--max-length", 24, "--out", out)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()
+
+
+# ---- train.py on pairs ---------------------------------------------------------------------------
+
+def word_pairs(path, start, n):
+    """Pairs whose chosen answer always ends with " cat" and the rejected one with " dog"."""
+    lines = [line.split() for line in (ROOT / "data/anecdotes_jokes.txt").read_text().splitlines()]
+    lines = [words for words in lines if len(words) > 8]
+    rows = [{"prompt": " ".join(w[:4]), "chosen": " " + " ".join(w[4:7]) + " cat",
+             "rejected": " " + " ".join(w[4:7]) + " dog"} for w in lines[start:start + n]]
+    return write_rows(path, rows)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_py_learns_a_preference_held_out_pairs_show(tmp_path, tiny_llama):
+    train_file, val_file = word_pairs(tmp_path / "train.jsonl", 0, 48), word_pairs(tmp_path / "val.jsonl", 48, 20)
+    r = run_cli("train.py", "--model", tiny_llama, "--data", train_file, "--val-data", val_file, "--epochs", 1,
+                "--lr", 1e-2, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "model: " in r.stdout and "(dpo)" in r.stdout and "reference: the model's log-probabilities" in r.stdout
+    records = metrics(tmp_path / "out")
+    first = next(m for m in records if m["event"] == "train")
+    names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected")
+    assert all(name in first for name in names)
+    final = [m for m in records if m["event"] == "eval"][-1]
+    assert final["rewards/accuracies"] >= 0.9 and final["loss"] < math.log(2), final
+    assert final["rewards/margins"] == pytest.approx(final["rewards/chosen"] - final["rewards/rejected"], abs=1e-5)
+
+
+# Sends train.py a SIGTERM (as a scheduler does) right after its n-th optimizer step: the run saves
+# where it stopped, in the middle of an epoch.
+STOP_AFTER = r"""
+import os, runpy, signal, sys
+nth = int(sys.argv[1])
+sys.argv = sys.argv[2:]
+import torch
+steps, real_step = 0, torch.optim.AdamW.step
+def step(self, *args, **kwargs):
+    global steps
+    steps += 1
+    result = real_step(self, *args, **kwargs)
+    if steps == nth:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return result
+torch.optim.AdamW.step = step
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-r", 4]], ids=["reference-computed-once", "reference-adapters-off"])
+def test_dpo_resumed_mid_epoch_ends_as_the_uninterrupted_run(tmp_path, tiny_llama, monkeypatch, lora):
+    import signal
+    import subprocess
+    import sys
+    monkeypatch.setenv("MKL_CBWR", "AUTO")                   # one path through MKL's products, every process
+    data = word_pairs(tmp_path / "pairs.jsonl", 0, 24)
+    args = lambda out: list(map(str, ["--model", tiny_llama, "--data", data, "--epochs", 2, "--batch-size", 4,
+                                      "--lr", 1e-3, "--out", out, *lora]))
+    full = run_cli("train.py", *args(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    stopped = subprocess.run([sys.executable, "-c", STOP_AFTER, "4", str(ROOT / "train.py"), *args(tmp_path / "split")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    progress = torch.load(tmp_path / "split/checkpoint/training_state.pt", weights_only=True)["progress"]
+    assert progress["epoch"] == 0 and progress["step_in_epoch"] > 0               # stopped in the middle of an epoch
+    resumed = run_cli("train.py", *args(tmp_path / "split"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full/checkpoint/training_state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split/checkpoint/training_state.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same held-out loss and rewards after each epoch (the training means since the last report
+    # differ: the resumed run's first report averages fewer steps)
+    evals = lambda out: [{k: v for k, v in m.items() if k != "time"} for m in metrics(out) if m["event"] == "eval"]
+    assert evals(tmp_path / "split") == evals(tmp_path / "full") and len(evals(tmp_path / "full")) == 2

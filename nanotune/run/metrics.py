@@ -28,6 +28,7 @@ class RunningLoss:
         self.loss, self.count, self.tokens = torch.zeros((), device=self.device), 0, 0
         self.norm, self.clipped = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         self.steps = 0
+        self.scores = {}                # what a loss leaves in its batches' "metrics" (DPO's rewards), summed
         self.start = time.time()
 
     def add(self, summed_loss, count, batches, norm=None, max_norm=None):
@@ -35,6 +36,9 @@ class RunningLoss:
         self.count += count
         self.tokens += sum(int(b["attention_mask"].sum()) if b["attention_mask"] is not None else b["input_ids"].numel()
                            for b in batches)
+        for batch in batches:
+            for name, value in batch.get("metrics", {}).items():
+                self.scores[name] = self.scores.get(name, 0) + value
         if norm is not None:
             if hasattr(norm, "full_tensor"):      # under --fsdp the norm is a distributed tensor
                 norm = norm.full_tensor()
@@ -43,11 +47,13 @@ class RunningLoss:
             self.steps += 1
 
     def read(self, device):
-        """(mean loss, tokens per second, {"grad_norm", "clipped"} or {})."""
+        """(mean loss, tokens per second, {"grad_norm", "clipped"} or {}, and the loss's own scores)."""
         loss, count, tokens = sum_across(self.loss.item(), self.count, self.tokens, device=device)
         norms = {}
         if self.steps:
             norms = {"grad_norm": self.norm.item() / self.steps, "clipped": self.clipped.item() / self.steps}
+        if self.scores:                 # means over the same pairs as the loss
+            norms |= dict(zip(self.scores, (v / count for v in sum_across(*self.scores.values(), device=device))))
         result = loss / count, tokens / (time.time() - self.start), norms
         self._reset()
         return result
@@ -106,7 +112,8 @@ def report_training(running, bar, log, epoch, step, lr, device):
         bar.close()
         raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
                             " Lower --lr, keep --max-grad-norm on, or check the data")
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+    accuracy = {"acc": f"{norms['rewards/accuracies']:.2f}"} if "rewards/accuracies" in norms else {}
+    bar.set_postfix(loss=f"{loss:.4f}", **accuracy, lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
     log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed, **norms)
 
 

@@ -265,3 +265,28 @@ def test_dpo_resumed_mid_epoch_ends_as_the_uninterrupted_run(tmp_path, tiny_llam
     # differ: the resumed run's first report averages fewer steps)
     evals = lambda out: [{k: v for k, v in m.items() if k != "time"} for m in metrics(out) if m["event"] == "eval"]
     assert evals(tmp_path / "split") == evals(tmp_path / "full") and len(evals(tmp_path / "full")) == 2
+
+
+# ---- the chapter's recipe is train.py's step ---------------------------------------------------------
+
+def test_the_dpo_chapter_steps_as_train_py_does(tiny_llama):
+    from test_chapters import chapter, steps_agree
+    module, tokenizer = chapter("dpo"), load_tokenizer(tiny_llama)
+    model, pairs = Llama.from_pretrained(tiny_llama).train(), pairs_of(tokenizer)
+    without_dropout(model)
+    module.add_reference(model, pairs, 2, tokenizer.pad_id)
+    batch = make_batch("dpo", pairs, None, [0, 1, 2], tokenizer.pad_id, "cpu")
+    for name, p in model.named_parameters():       # a model that is not its reference: rewards and gradients not 0
+        if name.endswith("o_proj.weight"):
+            p.data.add_(0.05 * torch.randn_like(p))
+    chapter_step = lambda m, optimizer, b: module.step(m, optimizer, b, 0.1)[0]
+    ours, theirs = steps_agree(model, batch, "dpo", chapter_step, 1.0)
+    assert ours == pytest.approx(theirs, abs=1e-6) and ours != pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_the_dpo_chapter_runs_top_to_bottom(tmp_path, tiny_llama):
+    r = run_cli("chapters/dpo.py", "--model", tiny_llama, "--chat-template", "chatml", "--data",
+                write_rows(tmp_path / "pairs.jsonl", (ROOT / "data/joke_pairs.jsonl").read_text().splitlines()[:40]),
+                "--lr", 1e-3)
+    assert r.returncode == 0, r.stderr
+    assert "step 10: loss" in r.stdout, r.stdout

@@ -290,3 +290,15 @@ def test_the_dpo_chapter_runs_top_to_bottom(tmp_path, tiny_llama):
                 "--lr", 1e-3)
     assert r.returncode == 0, r.stderr
     assert "step 10: loss" in r.stdout, r.stdout
+
+
+def test_generate_eval_reports_pairwise_accuracy_against_the_base_model(tmp_path, tiny_llama):
+    train_file, val_file = word_pairs(tmp_path / "train.jsonl", 0, 48), word_pairs(tmp_path / "val.jsonl", 48, 20)
+    r = run_cli("train.py", "--model", tiny_llama, "--data", train_file, "--val-data", val_file, "--epochs", 2,
+                "--lr", 2e-2, "--lora-r", 8, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "reference: the same model with its LoRA adapters off" in r.stdout
+    r = run_cli("generate.py", "--model", tmp_path / "out", "--eval", val_file, "--json")
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout)
+    assert scores["pairs"] == 20 and scores["reward_accuracy"] >= 0.9 and scores["accuracy"] >= 0.9, scores

@@ -74,8 +74,8 @@ class MetricsLog:
         append_line(self.path, json.dumps(record))
 
     def plot(self):
-        """Training and validation loss, the learning rate and the gradient's norm against the
-        step, one figure, OUT/training.png. None without matplotlib (an optional extra)."""
+        """Training and validation loss, the learning rate and the gradient's norm (and DPO's rewards)
+        against the step, one figure, OUT/training.png. None without matplotlib (an optional extra)."""
         if not self.enabled:
             return None
         try:
@@ -88,7 +88,9 @@ class MetricsLog:
         records = [json.loads(line) for line in self.path.read_text().splitlines()]
         train = [r for r in records if r["event"] == "train"]
         evals = [r for r in records if r["event"] == "eval"]
-        fig, (loss, lr, norm) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+        rewards = [r for r in train if "rewards/margins" in r]        # preference tuning: DPO's rewards too
+        fig, axes = plt.subplots(3 + bool(rewards), 1, figsize=(7, 8 + 2.5 * bool(rewards)), sharex=True)
+        loss, lr, norm = axes[:3]
         loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
         loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
         loss.set_ylabel("loss")
@@ -97,7 +99,11 @@ class MetricsLog:
         lr.set_ylabel("learning rate")
         norm.plot([r["step"] for r in train if "grad_norm" in r], [r["grad_norm"] for r in train if "grad_norm" in r])
         norm.set_ylabel("gradient norm (before clipping)")
-        norm.set_xlabel("optimizer step")
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins") if rewards else ():
+            axes[3].plot([r["step"] for r in rewards], [r[name] for r in rewards], label=name)
+            axes[3].set_ylabel("reward (beta x log-ratio)")
+            axes[3].legend()
+        axes[-1].set_xlabel("optimizer step")
         fig.tight_layout()
         atomic_write(self.path.parent / "training.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)

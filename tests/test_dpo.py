@@ -302,3 +302,32 @@ def test_generate_eval_reports_pairwise_accuracy_against_the_base_model(tmp_path
     assert r.returncode == 0, r.stderr
     scores = json.loads(r.stdout)
     assert scores["pairs"] == 20 and scores["reward_accuracy"] >= 0.9 and scores["accuracy"] >= 0.9, scores
+
+
+@pytest.mark.parametrize("options, expected", [(dict(kind="ipo", beta=0.1), (0 - 1 / (2 * 0.1)) ** 2),
+                                               (dict(kind="ipo", beta=0.5), 1.0),
+                                               (dict(beta=0.1, label_smoothing=0.2), math.log(2))])
+def test_the_variants_first_step_is_their_formula_at_a_margin_of_0(tiny_llama, options, expected):
+    tokenizer = load_tokenizer(tiny_llama)
+    model, pairs = Llama.from_pretrained(tiny_llama).train(), pairs_of(tokenizer)
+    without_dropout(model)
+    from nanotune.preference import add_reference
+    add_reference(model, pairs, 3, tokenizer.pad_id, "cpu")
+    batch = make_batch("dpo", pairs, None, [0, 1, 2], tokenizer.pad_id, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    summed, count, _ = train.train_step(model, [batch], optimizer, 1e-3, "dpo", 1.0, torch.device("cpu"), **options)
+    assert float(summed) / count == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [(["--pack"], "--pack does not apply to preference pairs"),
+                                            (["--dpo-loss", "ipo", "--label-smoothing", "0.1"], "IPO has no labels"),
+                                            (["--train-on", "all"], "--train-on does not apply")])
+def test_flags_that_do_not_fit_preference_pairs_are_refused(flags, message):
+    from nanotune import NanotuneError
+    from nanotune.preference import task_of
+    from nanotune.run.train_flags import parser
+    args = parser().parse_args(["--data", str(ROOT / "data/joke_pairs.jsonl"), *flags])
+    with pytest.raises(NanotuneError, match=message):
+        task_of(args, "lm")
+    plain = parser().parse_args(["--data", str(ROOT / "data/joke_chats.jsonl"), *flags])
+    assert task_of(plain, "lm") == "lm"                      # other data: not preference tuning

@@ -7,7 +7,8 @@ The chapter's four steps, written with nanotune's pieces and run top to bottom:
 
 Change anything: this file is yours to edit. train.py does the same job with everything a real run
 needs around it (validation, checkpoints, LoRA, ...); tests/test_chapters.py checks that the step
-below computes the same loss and gradients as train.py's.
+below computes the same loss and gradients as train.py's. The numbers are chapter 1's, from the
+table in nanotune/recipes.py (`train.py --recipe ch1` uses the same).
 """
 import argparse
 
@@ -17,6 +18,9 @@ from nanotune import GPT2, load_tokenizer
 from nanotune.data import batch_order, lm_sequences, make_batch, read_examples
 from nanotune.generation import generate
 from nanotune.losses import causal_lm_loss
+from nanotune.recipes import RECIPES
+
+RECIPE = RECIPES["ch1"]
 
 
 def step(model, optimizer, batch):
@@ -32,11 +36,11 @@ def step(model, optimizer, batch):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2", help="Hub id or folder of a GPT-2 checkpoint")
     p.add_argument("--data", default="data/anecdotes_jokes.txt")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     args = p.parse_args(argv)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,11 +57,20 @@ def main(argv=None):
     # every text to 512; a joke is about 40 tokens, so over nine tenths of that compute would go to
     # padding. Here each batch is padded to its own longest text (make_batch: dynamic padding), and
     # the attention mask keeps the model from looking at the padding.
-    max_length = min(512, model.config.context)
+    max_length = min(RECIPE["max_length"], model.config.context)
     sequences, labels, _ = lm_sequences(tokenizer.encode_batch(texts), max_length, tokenizer.eos_id)
+    # What the chapter's batch_encode_plus returns, for one text of the first batch: its ids, padded
+    # to the batch's longest, and the attention mask, 1 for a real token and 0 for padding.
+    first = make_batch("lm", sequences, labels, batch_order(len(sequences), args.batch_size, seed=0, epoch=0)[0],
+                       tokenizer.pad_id, device)
+    row = int(first["attention_mask"].sum(1).argmin())                 # the shortest text: the most padding
+    print("input_ids:     ", first["input_ids"][row].tolist())
+    print("attention_mask:", first["attention_mask"][row].tolist())
 
     # Step 4: fine-tune: Adam at 5e-5, cross-entropy, 3 epochs.
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"])
+    print(f"settings: lr={optimizer.defaults['lr']} epochs={args.epochs} batch_size={args.batch_size}"
+          f" max_length={max_length}")
     model.train()                                                   # dropout on
     for epoch in range(args.epochs):
         losses = []

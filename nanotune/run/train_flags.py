@@ -13,6 +13,7 @@ from ..errors import NanotuneError
 from ..lora import DEFAULT_TARGETS, LoRAConfig
 from ..models import TASKS, model_type
 from ..quantize import QuantConfig
+from ..recipes import RECIPES
 from . import distributed, output
 from .cli import ArgumentParser, add_plain_flag, device, native_bf16, number, text, whole_number
 
@@ -162,12 +163,41 @@ def parser():
                         " validation loss; the best is kept in OUT")
     g.add_argument("--trials", type=whole_number(1, 1000),
                    metavar="N", help="draw N random settings from the --search values and ranges")
+    g = p.add_argument_group("the book's recipes")
+    g.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a chapter's settings (nanotune/recipes.py: rate, warm-up, decay, batch size, length,"
+                        " epochs) for every one of those flags not given on the command line; prints what it set")
     add_plain_flag(p)
     return p
 
 
 def parse_args(argv=None):
-    return parser().parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.recipe:
+        fill_in_recipe(args, argv)
+    return args
+
+
+def fill_in_recipe(args, argv=None, say=print):
+    """--recipe NAME: each of the recipe's train.py flags that the command line left out takes the
+    recipe's value. Which flags the user gave is found by parsing again with those defaults unset,
+    so abbreviations (--warm 10) and --flag=value count as given."""
+    recipe = RECIPES[args.recipe]
+    flags = [name for name in recipe if hasattr(args, name)]                # the rest are the scripts' own
+    unset = object()
+    again = parser()
+    again.set_defaults(**dict.fromkeys(flags, unset))
+    given = {name for name, value in vars(again.parse_args(argv)).items() if value is not unset}
+    filled = [name for name in flags if name not in given]
+    for name in filled:
+        setattr(args, name, recipe[name])
+    shown = " ".join(f"--{n.replace('_', '-')}" if recipe[n] is True else f"--{n.replace('_', '-')} {recipe[n]}"
+                     for n in filled)
+    say(f"recipe {args.recipe} (chapter {recipe['chapter']}): {shown or 'every flag was given'}")
+    if "warmup_steps" in filled and recipe["warmup_steps"] >= 100:
+        say(f"  --warmup-steps {recipe['warmup_steps']} is for the chapter's data set; on a small one it can be"
+            " longer than the whole run (the rate never warms up): give about a tenth of the run's steps")
+    return filled
 
 
 # ---- checks that need more than one flag ---------------------------------------------------------

@@ -104,8 +104,10 @@ def run(model, path):
 
 
 def run_gguf(model, tokenizer, path, kind):
-    """generate.py --export-gguf: write the GGUF file, then read it back as any GGUF is read and
-    compare: the logits of a few sequences, and 32 greedy tokens."""
+    """generate.py --export-gguf: write the GGUF file, then read it back straight from its tensors
+    (no cache: nothing is left behind, and a read-only cache does not matter) and compare the logits
+    of a few sequences and 32 greedy tokens; with llama-cpp-python installed, llama.cpp itself loads
+    the file too, and its tokens and greedy continuation are compared with nanotune's."""
     from .. import gguf_file
     from ..generation import generate
     from ..llama import Llama
@@ -114,13 +116,59 @@ def run_gguf(model, tokenizer, path, kind):
                             f" {type(model).__name__} (use --export-onnx)")
     model = model.eval().float()
     gguf_file.write(model, tokenizer, path, kind)
-    back = Llama.from_pretrained(gguf_file.resolve(path)).eval()
+    back = read_back(path)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         difference = float((model(ids) - back(ids)).abs().max())
     prompt = ids[0, :6].tolist()
-    same = generate(model, [prompt], 32, 0, None, temperature=0) == generate(back, [prompt], 32, 0, None, temperature=0)
+    expected = generate(back, [prompt], 32, 0, None, temperature=0)[0]
+    same = generate(model, [prompt], 32, 0, None, temperature=0)[0] == expected
     size = Path(path).stat().st_size / 2**20
     print(f"wrote {path} ({kind}, {size:,.1f} MiB); read back, its logits differ from nanotune's by at most"
           f" {difference:.2e}, and its 32 greedy tokens are {'the same' if same else 'not all the same'}")
-    return 0 if kind != "f32" or (difference <= 1e-4 and same) else 1
+    ok = kind != "f32" or (difference <= 1e-4 and same)
+    if importlib.util.find_spec("llama_cpp") is not None:
+        ok = check_in_llama_cpp(path, tokenizer, prompt, expected) and ok
+    return 0 if ok else 1
+
+
+def read_back(path):
+    """The model in a GGUF file, built from the file's tensors in memory (gguf_file.read)."""
+    from .. import hub
+    from ..gguf_file import read
+    from ..llama import Llama, LlamaConfig, inverse_frequencies
+    config, _, _, tensors = read(path)
+    config = hub.config_from_dict(LlamaConfig, config)
+    with torch.device("meta"):                  # no memory for weights yet: the file's tensors are them
+        model = Llama(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise NanotuneError(f"--export-gguf: the file written does not read back as the model (missing"
+                            f" {missing}, unexpected {unexpected}); this is a bug in nanotune, please report it")
+    model.inv_freq = inverse_frequencies(config)
+    model.tie_weights()
+    return model.eval()
+
+
+def check_in_llama_cpp(path, tokenizer, prompt, expected, text="A penguin walks into a bar in 1999. It's cold!"):
+    """Load the file in llama.cpp (llama-cpp-python): it must accept the file, cut `text` into the
+    same tokens as nanotune, and continue `prompt` greedily with the `expected` tokens (those of the
+    model read back; exact for f32, within rounding for f16 and q8_0). Says what it found."""
+    import llama_cpp
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + len(expected) + 8, verbose=False)
+    except Exception as e:           # llama.cpp refuses the file (a ValueError carrying its log line)
+        print(f"llama.cpp does NOT load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return False
+    theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
+    same_tokens = theirs == tokenizer.encode(text, add_special_tokens=False)
+    continuation = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+        continuation.append(token)
+        if len(continuation) == len(expected):
+            break
+    same_greedy = continuation == expected
+    llm.close()
+    print(f"llama.cpp loads it; its tokens for {text!r} are {'the same' if same_tokens else 'NOT the same'}, and its"
+          f" {len(expected)} greedy tokens are {'the same' if same_greedy else 'not all the same'}")
+    return same_tokens

@@ -55,7 +55,7 @@ def add_reference(model, pairs, batch_size, pad_id):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                    help="Hub id, folder or .gguf of a chat model (GPT-2 or the Llama family)")
     p.add_argument("--data", default="data/joke_pairs.jsonl")

@@ -284,12 +284,20 @@ def test_the_dpo_chapter_steps_as_train_py_does(tiny_llama):
     assert ours == pytest.approx(theirs, abs=1e-6) and ours != pytest.approx(math.log(2), abs=1e-3)
 
 
-def test_the_dpo_chapter_runs_top_to_bottom(tmp_path, tiny_llama):
-    r = run_cli("chapters/dpo.py", "--model", tiny_llama, "--chat-template", "chatml", "--data",
-                write_rows(tmp_path / "pairs.jsonl", (ROOT / "data/joke_pairs.jsonl").read_text().splitlines()[:40]),
-                "--lr", 1e-3)
-    assert r.returncode == 0, r.stderr
-    assert "step 10: loss" in r.stdout, r.stdout
+def test_the_dpo_chapter_runs_top_to_bottom(tmp_path, tiny_llama, capsys):
+    from test_chapters import chapter
+    rows = (ROOT / "data/joke_pairs.jsonl").read_text().splitlines()[:40]
+    chapter("dpo").main(["--model", str(tiny_llama), "--chat-template", "chatml", "--lr", "1e-3",
+                         "--data", str(write_rows(tmp_path / "pairs.jsonl", rows))])
+    assert "step 10: loss" in capsys.readouterr().out
+
+
+def test_the_dpo_chapters_help_says_what_it_does_in_a_whole_sentence(capsys):
+    from test_chapters import chapter
+    with pytest.raises(SystemExit):
+        chapter("dpo").main(["--help"])
+    description = capsys.readouterr().out.split("\n\n")[1]
+    assert description.startswith("Preference tuning") and description.rstrip().endswith("."), description
 
 
 def test_generate_eval_reports_pairwise_accuracy_against_the_base_model(tmp_path, tiny_llama):

@@ -23,7 +23,7 @@ from nanotune.models import check_tokenizer_fits, load_model
 from nanotune.quantize import QuantConfig
 from nanotune.run.cli import default_device, run
 from nanotune.run.generate_flags import DTYPES, parse_args
-from nanotune.tools import explain, export, quantization_error, serve
+from nanotune.tools import explain, export, lm_eval, quantization_error, serve
 from nanotune.tools.evaluate_file import evaluate_file, show
 
 
@@ -44,14 +44,15 @@ def main(args):
         return export.run_gguf(model, tokenizer, args.export_gguf, args.gguf_type)
     if args.serve:                                         # an OpenAI-style HTTP server
         return serve.serve(model, tokenizer, args.model or "out", args.host, args.port,
-                           args.api_key or os.environ.get("NANOTUNE_API_KEY"), args.max_batch, template)
+                           args.api_key or os.environ.get("NANOTUNE_API_KEY"), args, template)
     if args.eval:                                          # scores on a file; --compare: beside full precision
         scores = quantization_error.compare if args.compare else lambda a, m, t, base, *_: evaluate_file(a, m, t, base)
         return show(args, *scores(args, model, tokenizer, base, device))
+    if args.lm_eval: return lm_eval.run(args, model, tokenizer, template)   # lm-eval's tasks: scores to compare
     if args.explain and not is_lm:                         # integrated gradients for each token
         return show(args, *explain.explain_classifier(args, model, tokenizer, prompts))
     if not is_lm:
-        return classify(model, tokenizer, prompts, device)
+        return classify(model, tokenizer, prompts, device, args.batch_size)
     if args.chat:                                        # a conversation in the terminal
         return chat(args, model, tokenizer, template, device)
 
@@ -76,15 +77,18 @@ def main(args):
     printer = Printer(tokenizer, args.stop, stream=len(sequences) == 1)
     if printer.stream and prompts and not template:
         print(prompts[0], end="", flush=True)
-    generate(model, sequences, args.max_new_tokens, tokenizer.pad_id, stops, args.temperature,
-             args.top_k or None, args.top_p, args.repetition_penalty, generator, on_token=printer)
-    for i in range(len(sequences)):
-        if printer.stream:
-            printer.finish(i)
-        else:
-            prompt = prompts[i // args.num_samples] + ("\n" if template else "") if prompts else ""
-            print(f"--- prompt {i // args.num_samples + 1}, sample"
-                  f" {i % args.num_samples + 1}\n{prompt}{printer.finish(i)}")
+    for start in range(0, len(sequences), args.batch_size):   # memory: one batch's, however many prompts
+        batch = range(start, min(start + args.batch_size, len(sequences)))
+        generate(model, sequences[batch.start:batch.stop], args.max_new_tokens, tokenizer.pad_id, stops,
+                 args.temperature, args.top_k or None, args.top_p, args.repetition_penalty, generator,
+                 on_token=lambda i, new_ids: printer(start + i, new_ids))
+        for i in batch:
+            if printer.stream:
+                printer.finish(i)
+            else:
+                prompt = prompts[i // args.num_samples] + ("\n" if template else "") if prompts else ""
+                print(f"--- prompt {i // args.num_samples + 1}, sample"
+                      f" {i % args.num_samples + 1}\n{prompt}{printer.finish(i)}", flush=True)
     return 0
 
 
@@ -101,7 +105,7 @@ def conversation_template(args, tokenizer):
             raise NanotuneError("this model has no chat template to write a conversation with: give one with"
                                 " --chat-template FILE, or --chat-template chatml")
         return None
-    return ChatTemplate(source, tokenizer)
+    return ChatTemplate(source, tokenizer, args.chat_template)
 
 
 def opening(args):
@@ -220,20 +224,22 @@ class Printer:
     def finish(self, i):
         if self.stream:   # what was held back for a stop string that never came
             print(self.texts.get(i, "")[self.shown:], flush=True)
-        return self.texts.get(i, "")
+        return self.texts.pop(i, "")
 
 
-def classify(model, tokenizer, prompts, device):
-    """Each text's label and every label's probability."""
+def classify(model, tokenizer, prompts, device, batch_size):
+    """Each text's label and every label's probability, --batch-size texts at a time."""
     if not prompts:
         raise NanotuneError("a classifier needs text: give --prompt or --prompt-file")
-    ids, mask = tokenizer(prompts, max_length=model.config.max_position_embeddings)
-    with torch.inference_mode():
-        probs = model(ids.to(device), mask.to(device)).float().softmax(-1).cpu()
     labels = model.config.labels
-    for prompt, p in zip(prompts, probs):
-        scores = "  ".join(f"{name}={v:.3f}" for name, v in zip(labels, p.tolist()))
-        print(f"{labels[int(p.argmax())]}\t{scores}\t{prompt}")
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        ids, mask = tokenizer(batch, max_length=model.config.max_position_embeddings)
+        with torch.inference_mode():
+            probs = model(ids.to(device), mask.to(device)).float().softmax(-1).cpu()
+        for prompt, p in zip(batch, probs):
+            scores = "  ".join(f"{name}={v:.3f}" for name, v in zip(labels, p.tolist()))
+            print(f"{labels[int(p.argmax())]}\t{scores}\t{prompt}")
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotune import NanotuneError, load_tokenizer, preference, tricks
+from nanotune import NanotuneError, load_tokenizer, preference, rl, tricks
 from nanotune.chat import render_conversations
 from nanotune.data import (batch_order, check_something_to_learn, lm_sequences, make_batch, mix, pack, pack_examples,
                            read_examples, split, truncate)
@@ -42,6 +42,8 @@ def main(args):
     if args.search or args.trials:                 # several short runs of this script, ranked by validation loss
         return search.run(args, parser(), check=check_inputs)
     run = start(args)             # device, ranks, precision; every flag checked, with --out; nothing written
+    if args.reward:                                # learning from rewards (GRPO): its own loop, nanotune/rl.py
+        return rl.train(args, run)
 
     # 1. The data. (Before the model, unlike chapter 1: a classifier's head is sized by its labels.)
     train_examples, val_examples, label_names = load_data(args, run.task)

@@ -13,7 +13,11 @@ write, and a model trained to predict them too spends its capacity on imitating 
 tokens belong to answers is found by rendering the conversation turn by turn: the text an answer
 adds to the rendering is its span, and the span must begin and end on token boundaries.
 """
+import contextvars
 import json
+import math
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -38,26 +42,73 @@ def read_template(folder, choice=None):
         if not path.is_file():
             raise NanotuneError(f"--chat-template {choice}: no such file, and not a built-in name"
                                 f" ({', '.join(BUILT_IN)})")
-        return path.read_text(encoding="utf-8")
+        return read_text(path, f"--chat-template {choice}")
     folder = Path(folder)
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return read_text(folder / "chat_template.jinja", f"the chat template {folder / 'chat_template.jinja'}")
     config = folder / "tokenizer_config.json"
     if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        template = json.loads(read_text(config, str(config))).get("chat_template")
         if isinstance(template, list):       # several named templates: the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         return template
     return None
 
 
-def compile_template(source):
+def read_text(path, what):
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NanotuneError(f"{what} is not UTF-8 text (byte {e.object[e.start]:#x} at position {e.start}):"
+                            " save it as UTF-8") from None
+
+
+# A chat template is a program shipped with a checkpoint (or given by hand), and a program can loop
+# for ever or write without end. Rendering one stops at these limits, far above what any real
+# template needs (a few milliseconds, and the conversation plus its markers), with one clear line.
+TIME_LIMIT = 5.0                  # seconds for one rendering
+OUTPUT_LIMIT = 4_000_000          # characters in any one text: ~1M tokens, more than any model's context
+BUILD_LIMIT = 100 * OUTPUT_LIMIT  # characters built in all by one rendering (so its memory is bounded too)
+BUILT = contextvars.ContextVar("characters built by the rendering under way", default=0)
+
+
+class TemplateLimit(Exception):
+    """A template went past a limit (not a TypeError or LookupError, which Jinja's own code catches)."""
+
+
+def checked_size(size):
+    """A text (or list) of `size` about to be built: refused past the limits."""
+    if size > OUTPUT_LIMIT:
+        raise TemplateLimit(f"builds a text of more than {OUTPUT_LIMIT:,} characters")
+    if BUILT.get() + size > BUILD_LIMIT:
+        raise TemplateLimit(f"builds more than {BUILD_LIMIT:,} characters in all")
+    BUILT.set(BUILT.get() + size)
+
+
+def bounded_join(pieces):
+    """"".join, counting as it goes: every text a template builds (its output, a macro's or a
+    `{% set %}` block's, and `a ~ b`) is joined here, so none grows past OUTPUT_LIMIT."""
+    joined, size = [], 0
+    for piece in pieces:
+        piece = str(piece)
+        size += len(piece)
+        if size > OUTPUT_LIMIT:
+            checked_size(size)
+        joined.append(piece)
+    checked_size(size)
+    return "".join(joined)
+
+
+def compile_template(source, name="the chat template"):
     """The template compiled as transformers compiles it: Jinja in a sandbox (a template is code
     from the Hub: the sandbox keeps it from touching anything but its inputs), blocks trimmed, the
     helpers templates call (raise_exception, tojson, strftime_now), and `{% generation %}` blocks
-    (which mark the answers for transformers' own mask) rendered as their contents."""
+    (which mark the answers for transformers' own mask) rendered as their contents. The sandbox
+    also bounds the size of what a template builds: ranges (Jinja's MAX_RANGE), `+`, `*` and `**`,
+    and every join (bounded_join)."""
     try:
         import jinja2
+        from jinja2.compiler import CodeGenerator
         from jinja2.ext import Extension
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
@@ -75,11 +126,35 @@ def compile_template(source):
         def _render(self, caller):
             return caller()
 
+    class BoundedCode(CodeGenerator):
+        def visit_Concat(self, node, frame):          # `a ~ b ~ c` -> environment.concat((a, b, c, ))
+            self.write("environment.concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        code_generator_class = BoundedCode
+        concat = staticmethod(bounded_join)
+        intercepted_binops = frozenset(["+", "*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            """The size of a sum, a repetition or a power, checked before it is computed."""
+            sized = lambda x: isinstance(x, (str, list, tuple))
+            if operator == "+" and sized(left) and sized(right):
+                checked_size(len(left) + len(right))
+            if operator == "*" and (sized(left) or sized(right)):
+                n, seq = (right, left) if sized(left) else (left, right)
+                checked_size(len(seq) * n if isinstance(n, int) else 0)
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                checked_size(int(right * math.log10(abs(left))))          # its digits
+            return super().call_binop(context, operator, left, right)
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[Generation, jinja2.ext.loopcontrols])
+    environment = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
         json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     environment.globals["raise_exception"] = raise_exception
@@ -87,26 +162,64 @@ def compile_template(source):
     try:
         return environment.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise NanotuneError(f"the chat template does not compile ({e.message}, line {e.lineno}): fix it, or give"
+        raise NanotuneError(f"{name} does not compile ({e.message}, line {e.lineno}): fix it, or give"
                             " another with --chat-template") from None
+    except RecursionError:
+        raise NanotuneError(f"{name} nests too deeply to compile: fix it, or give another with"
+                            " --chat-template") from None
+
+
+def render_within_time(template, **variables):
+    """template.render, stopped after TIME_LIMIT seconds: a trace function (this thread only) looks
+    at the clock on every line the template runs, its loops included, and on every call it makes."""
+    deadline = time.monotonic() + TIME_LIMIT
+
+    def watch(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateLimit(f"runs longer than {TIME_LIMIT:g} seconds")
+        return watch if frame.f_code.co_filename == "<template>" else None
+
+    previous, built = sys.gettrace(), BUILT.set(0)
+    sys.settrace(watch)
+    try:
+        return template.render(**variables)
+    finally:
+        sys.settrace(previous)
+        BUILT.reset(built)
 
 
 class ChatTemplate:
-    """A compiled chat template and the tokenizer it writes for."""
+    """A compiled chat template and the tokenizer it writes for. `name`: where it comes from (a
+    file, a built-in name), as errors say it; by default, the tokenizer's folder."""
 
-    def __init__(self, source, tokenizer):
+    def __init__(self, source, tokenizer, name=None):
         self.source, self.tokenizer = source, tokenizer
-        self.template = compile_template(source)
+        where = name or getattr(tokenizer, "folder", None)
+        self.name = f"the chat template {where}" if name else f"the chat template of {where}" if where else \
+            "the chat template"
+        self.template = compile_template(source, self.name)
         ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
         self.specials = {name: tokenizer.tokenizer.id_to_token(i) for name, i in ids.items() if i is not None}
 
     def render(self, messages, add_generation_prompt=False) -> str:
+        """The conversation as text, or one line saying how the template failed: it refused the
+        conversation (raise_exception), went past a limit (TIME_LIMIT, OUTPUT_LIMIT, Jinja's
+        MAX_RANGE), or failed as a program (a recursion without end, a division by zero, ...)."""
         import jinja2
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                        documents=None, **self.specials)
+            return render_within_time(self.template, messages=messages, add_generation_prompt=add_generation_prompt,
+                                      tools=None, documents=None, **self.specials)
         except jinja2.TemplateError as e:
-            raise NanotuneError(f"the chat template refused a conversation ({e}): check its roles and order") from None
+            raise NanotuneError(f"{self.name} refused a conversation ({e}): check its roles and order") from None
+        except TemplateLimit as e:
+            raise NanotuneError(f"{self.name} {e}, the most nanotune lets a chat template take: fix it, or give"
+                                " another with --chat-template") from None
+        except RecursionError:
+            raise NanotuneError(f"{self.name} calls itself without end (a recursion too deep): fix it, or give"
+                                " another with --chat-template") from None
+        except Exception as e:        # the template is a program, and the program failed: its error, not ours
+            raise NanotuneError(f"{self.name} failed ({type(e).__name__}: {e}): fix it, or give another with"
+                                " --chat-template") from None
 
     def encode(self, messages, add_generation_prompt=False) -> list:
         """Token ids, as transformers' apply_chat_template(tokenize=True) gives them: the rendered text
@@ -186,7 +299,7 @@ def render_conversations(train_examples, val_examples, tokenizer, model_name, ch
     if tokenizer.chat_template is None:
         raise NanotuneError(f"{model_name} has no chat template to write conversations with: give one with"
                             " --chat-template FILE, or --chat-template chatml")
-    template = ChatTemplate(tokenizer.chat_template, tokenizer)
+    template = ChatTemplate(tokenizer.chat_template, tokenizer, choice)
     for example in train_examples + val_examples:
         example["text"] = template.render(example["messages"])
     return template

@@ -256,9 +256,11 @@ class Llama(nn.Module):
                                 " positions: use a shorter input")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]        # (1, T)
-        cos, sin = rope_angles(self.inv_freq, position_ids)                     # (B, T, hs): computed once a pass
         mask = self.attention_mask(attention_mask, T, past, input_ids.device)
         x = self.model.embed_tokens(input_ids)                                  # (B, T, C): no position vectors
+        # (B, T, hs), once a pass: the angles in fp32 (in bf16, position 1000's would be off by up to 2 radians),
+        # their cos and sin in the model's precision, so that a bf16 query stays bf16 (as in transformers)
+        cos, sin = (t.to(x.dtype) for t in rope_angles(self.inv_freq, position_ids))
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)

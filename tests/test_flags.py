@@ -21,7 +21,10 @@ TRAIN_BAD = {
     "--stride": ["0", "-1"], "--truncate": ["middle"], "--add-tokens": [""], "--pad-vocab-to-multiple-of": ["0"],
     "--search": [""], "--trials": ["0", "1001"],
     "--lr-decay": ["0", "1.5", "nan"], "--unfreeze": ["sudden"], "--show-batch": ["0", "x"],
-    "--chat-template": [""], "--train-on": ["questions"],
+    "--chat-template": [""], "--train-on": ["questions"], "--recipe": ["ch3", ""],
+    "--reward": [""], "--reward-weights": ["nan", "x"], "--group-size": ["1", "0"], "--scale-rewards": ["std"],
+    "--loss-type": ["ppo"], "--epsilon": ["0", "1", "nan"], "--updates-per-batch": ["0"], "--kl-beta": ["-1", "nan"],
+    "--max-new-tokens": ["0"], "--temperature": ["0", "-1", "inf"],
 }
 GENERATE_BAD = {
     "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],
@@ -32,6 +35,9 @@ GENERATE_BAD = {
     "--plot": [""], "--ig-steps": ["0"], "--ig-baseline": ["random"], "--explain-top": ["0"],
     "--host": [""], "--port": ["-1", "65536"], "--api-key": [""], "--max-batch": ["0", "257"], "--export-onnx": [""],
     "--export-gguf": [""], "--gguf-type": ["q4_k"], "--chat-template": [""], "--system": [""],
+    "--lm-eval": [""], "--limit": ["0", "-1", "nan"], "--num-fewshot": ["-1", "x"], "--batch-size": ["0"],
+    "--cache-budget": ["0", "x"], "--max-connections": ["0"], "--header-timeout": ["0", "nan"], "--body-timeout": ["-1"],
+    "--grace-period": ["-1", "nan"],
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
 TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--group-by-length", "--data-report", "--dry-run", "--show-groups", "--lr-find", "--lr-find-check", "--bf16", "--fp32", "--grad-checkpointing", "--fsdp", "--double-quant",

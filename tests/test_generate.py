@@ -128,3 +128,61 @@ def test_cli_bad_input(tiny_gpt2, args, pattern):
 def test_cli_folder_that_is_not_a_model(tmp_path):
     r = run_cli("generate.py", "--model", tmp_path, "--prompt", "hi")
     assert r.returncode == 2 and r.stderr.startswith("error: no config.json")
+
+
+# Runs generate.py with nanotune.generation.generate watched: each batch's size goes to stderr.
+WATCH_BATCHES = r"""
+import runpy, sys
+import nanotune.generation as generation
+real = generation.generate
+def watched(model, prompts, *args, **kwargs):
+    print(f"batch of {len(prompts)}", file=sys.stderr)
+    return real(model, prompts, *args, **kwargs)
+generation.generate = watched
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_prompt_file_runs_in_batches_with_the_results_in_order(tmp_path, tiny_gpt2, models):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    ours, _, tok = models
+    prompts = [f"{start} {n}" for n, start in enumerate(PROMPTS * 4)]            # 12 prompts, 3 lengths
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    r = subprocess.run([sys.executable, "-c", WATCH_BATCHES, str(ROOT / "generate.py"), "--model", str(tiny_gpt2),
+                        "--prompt-file", str(tmp_path / "prompts.txt"), "--batch-size", "5", "--temperature", "0",
+                        "--max-new-tokens", "12"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == ["batch of 5", "batch of 5", "batch of 2"]
+    alone = [tok.decode(generate(ours, [tok.encode(p)], 12, tok.pad_id, tok.eos_id, temperature=0)[0]) for p in prompts]
+    assert r.stdout == "".join(f"--- prompt {k + 1}, sample 1\n{p}{text}\n"
+                               for k, (p, text) in enumerate(zip(prompts, alone)))
+
+
+def test_a_classifier_labels_a_prompt_file_in_batches(tmp_path, tiny_bert):
+    from nanotune import BertClassifier
+    BertClassifier.from_pretrained(tiny_bert, labels=["negative", "positive"]).save_pretrained(tmp_path / "m")
+    load_tokenizer(tiny_bert).save(tmp_path / "m")
+    texts = ["Lovely staff!", "Cold soup.", "The waiter forgot us twice, but the dessert made up for it.", "Fine."] * 2
+    (tmp_path / "texts.txt").write_text("\n".join(texts))
+    together, batched = (run_cli("generate.py", "--model", tmp_path / "m", "--prompt-file", tmp_path / "texts.txt",
+                                 "--batch-size", n) for n in (100, 3))
+    assert together.returncode == batched.returncode == 0, batched.stderr
+    assert [line.split("\t")[2] for line in batched.stdout.splitlines()] == texts
+    rounded = lambda out: [[round(float(s.split("=")[1]), 2) for s in line.split("\t")[1].split()]
+                           for line in out.splitlines()]
+    assert rounded(batched.stdout) == rounded(together.stdout)
+
+
+def test_a_prompt_that_is_not_text_in_the_locales_encoding_is_one_line(tiny_gpt2):
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    latin1 = "café au lait".encode("latin-1")                    # a Latin-1 terminal under a UTF-8 locale
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(tiny_gpt2), "--prompt", latin1],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, LC_ALL="C.UTF-8"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "byte 0xe9 at position 3 is not utf-8 text" in r.stderr

@@ -322,9 +322,12 @@ def test_the_cache_grows_only_by_what_the_running_sequences_need(tiny_gpt2):
     model, tok = GPT2.from_pretrained(tiny_gpt2), load_tokenizer(tiny_gpt2)
     prompt = tok.encode("Once upon a time")
     engine = Engine(model, tok, 8, set())
-    run_engine(engine, [([prompt] * 8, settings(max_tokens=12))])          # 8 places, each prompt + 12 positions
+    shapes = set()
+    run_engine(engine, [([prompt] * 8, settings(max_tokens=12))],          # 8 places, each prompt + 12 positions
+               on_event=lambda kind, seq: shapes.add(tuple(engine.k.shape)))
     engine.stop()
-    assert engine.k.shape[1] == 8 and engine.k.shape[3] == len(prompt) + 12   # more places, not longer ones
+    slots, positions = max(shape[1] for shape in shapes), max(shape[3] for shape in shapes)
+    assert slots == 8 and positions == len(prompt) + 12                 # more places, not longer ones
 
 
 def test_a_cancelled_request_frees_its_place(tiny_gpt2):

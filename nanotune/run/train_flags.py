@@ -163,6 +163,26 @@ def parser():
                         " validation loss; the best is kept in OUT")
     g.add_argument("--trials", type=whole_number(1, 1000),
                    metavar="N", help="draw N random settings from the --search values and ranges")
+    g = p.add_argument_group("learning from rewards (GRPO; nanotune/rl.py)")
+    g.add_argument("--reward", action="append", metavar="FILE.py:FUNCTION", type=text("FILE.py:FUNCTION"),
+                   help="learn from this reward function, score(prompt, completion, **fields) -> float, instead of"
+                        " from answers to copy; --data is then .jsonl prompts; repeat to add several")
+    g.add_argument("--reward-weights", type=number(), nargs="+", metavar="W", help="one weight per --reward")
+    g.add_argument("--group-size", type=whole_number(2), default=8,
+                   help="answers sampled per prompt; each is judged against its group's mean")
+    g.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group",
+                   help="divide the advantages by the group's reward std (GRPO), the batch's, or not (Dr. GRPO)")
+    g.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default="dapo",
+                   help="how token losses are averaged: per answer then over answers (grpo), over all tokens of"
+                        " the batch (dapo), or summed over answers x --max-new-tokens (dr_grpo)")
+    g.add_argument("--epsilon", type=number(0, 1, low_open=True, high_open=True), default=0.2,
+                   help="PPO clip: how far the probability of a token may move before a reused batch stops pushing")
+    g.add_argument("--updates-per-batch", type=whole_number(1), default=1,
+                   help="optimizer steps on each batch of answers (the clip matters from the second on)")
+    g.add_argument("--kl-beta", type=number(0), default=0.0,
+                   help="weight of the KL penalty to the starting model (under LoRA: its adapters off)")
+    g.add_argument("--max-new-tokens", type=whole_number(1), default=64, help="the longest answer sampled")
+    g.add_argument("--temperature", type=number(0, low_open=True), default=1.0, help="sampling temperature")
     g = p.add_argument_group("the book's recipes")
     g.add_argument("--recipe", choices=sorted(RECIPES),
                    help="a chapter's settings (nanotune/recipes.py: rate, warm-up, decay, batch size, length,"

@@ -7,7 +7,9 @@ new ones in at every step instead of when a whole batch is done.
 Every step: the sequences that finished (an end-of-text or end-of-turn token, a stop string, their
 length, a client that went away) leave and free their slots; waiting sequences take the free slots
 (each one's prompt run through the model alone, its keys and values copied into its slot, its first
-token drawn); then one forward pass decodes the next token of every running sequence. A request
+token drawn), in order of arrival and only while the cache, with room for every admitted sequence's
+prompt and max_tokens, stays within its budget (--cache-budget); then one forward pass decodes
+the next token of every running sequence. When none is left, the cache is freed. A request
 that arrives while others are decoding waits one step, not until they are all done: that is what
 the batch-to-the-end server got wrong (vLLM's and TGI's idea, in plain code).
 
@@ -18,6 +20,8 @@ grow, so that memory follows the tokens actually held rather than each slot's lo
 would let sequences share the blocks of a common prefix; at one machine's scale, a tensor suffices.
 """
 import collections
+import ctypes
+import sys
 import threading
 
 import torch
@@ -26,12 +30,42 @@ from .. import tricks
 from ..generation import next_tokens
 
 
+class Detokenizer:
+    """A sequence's text, grown a token at a time. Decoding every token again at every step costs
+    the square of the length; here each step decodes only a short window: from the start of the
+    previous token's text (so that a tokenizer which drops the space before a text's first word
+    still sees a word before it) to the new token. A token that is half of a character (byte-level
+    BPE splits some) adds nothing until the token that completes it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids = tokenizer, []
+        self.text, self.held = "", ""      # the text of complete characters; the decoded tail still incomplete
+        self.start = self.done = 0         # ids[start:done]: the previous token's text, already in self.text
+
+    def add(self, token):
+        """The text that `token` completes ("" while a character is still incomplete)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.start:self.done])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        if after.endswith("\ufffd") and len(self.ids) - self.done < 4:    # a character is at most 4 bytes
+            self.held = after[len(before):]
+            return ""
+        piece, self.held = after[len(before):], ""
+        self.text += piece
+        # bytes that never made a character (4 tokens on) stay out of the next window: had they
+        # formed one with what follows, the window would no longer begin with its previous text
+        self.start, self.done = len(self.ids) if after.endswith("\ufffd") else self.done, len(self.ids)
+        return piece
+
+
 class Sequence:
-    """One choice being decoded: its prompt, its settings, the tokens so far and why it ended."""
+    """One choice being decoded: its prompt, its settings, the tokens so far, their text (and each
+    token's share of it when log-probabilities are asked for) and why it ended."""
 
     def __init__(self, request, index, prompt, generator):
         self.request, self.index, self.prompt, self.generator = request, index, prompt, generator
-        self.tokens, self.text, self.finish_reason, self.logprobs = [], "", None, []
+        self.tokens, self.text, self.finish_reason, self.logprobs, self.pieces = [], "", None, [], []
+        self.decoded = None                # a Detokenizer, from the engine
 
 
 class Request:
@@ -46,7 +80,7 @@ class Request:
             for j in range(n):
                 generator = torch.Generator()
                 if seed is not None:       # each choice its own stream, so its tokens do not depend on who else runs
-                    generator.manual_seed(seed * 1_000_003 + i * n + j)
+                    generator.manual_seed((seed * 1_000_003 + i * n + j) % 2**64)     # torch takes 64 bits
                 else:
                     generator.seed()
                 self.sequences.append(Sequence(self, i * n + j, prompt, generator))
@@ -75,11 +109,13 @@ class Engine:
     """continuous=False admits newcomers only when every running sequence has ended: the batch runs
     to its end, as servers without continuous batching do (bench/serve.py compares the two)."""
 
-    def __init__(self, model, tokenizer, max_batch, stops, continuous=True):
+    def __init__(self, model, tokenizer, max_batch, stops, continuous=True, budget=None):
         self.model, self.tokenizer, self.max_batch, self.stops = model, tokenizer, max_batch, set(stops)
-        self.continuous = continuous
+        self.continuous, self.budget = continuous, budget if budget is not None else float("inf")
         self.layers, self.heads, self.head_size = model.cache_layout()
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        # bytes of cache per sequence position: a key and a value vector per layer and key/value head
+        self.position_bytes = 2 * self.layers * self.heads * self.head_size * self.dtype.itemsize
         self.running, self.lengths, self.pending = [], [], []   # slot i: its sequence, its length, its next input
         self.waiting = collections.deque()
         self.k = self.v = torch.empty(self.layers, 0, self.heads, 0, self.head_size)
@@ -93,8 +129,12 @@ class Engine:
             self.waiting.extend(request.sequences)
             self.wake.notify()
 
-    def stop(self):
+    def stop(self, cancel=False):
+        """Finish every request (cancel=True: drop them) and end the loop."""
         with self.wake:
+            if cancel:
+                for s in self.running + list(self.waiting):
+                    s.request.cancelled = True
             self.stopping = True
             self.wake.notify()
         self.thread.join()
@@ -104,14 +144,26 @@ class Engine:
         with torch.inference_mode(), tricks.packed_linears(self.model, self.max_batch):
             while True:
                 with self.wake:
+                    if not self.running and self.k.numel():
+                        self.release()                   # idle: the cache goes back to the machine
                     while not (self.running or self.waiting or self.stopping):
                         self.wake.wait()
                     if self.stopping and not (self.running or self.waiting):
                         return
                     free = self.max_batch - len(self.running) if self.continuous or not self.running else 0
-                    newcomers = [self.waiting.popleft() for _ in range(min(len(self.waiting), free))]
+                    newcomers = []                       # in order of arrival, while the cache stays in budget
+                    while self.waiting and len(newcomers) < free and self.fits(newcomers + [self.waiting[0]]):
+                        newcomers.append(self.waiting.popleft())
+                    if self.waiting and not self.running and not newcomers:    # too big even alone
+                        s = self.waiting.popleft()
+                        s.finish_reason = "error"
+                        s.request.emit("error", "this sequence's key/value cache is over the server's budget")
                 try:
                     for s in newcomers:
+                        if s.request.cancelled:          # its client left while it waited
+                            s.finish_reason = "cancelled"
+                            s.request.emit("done", s)
+                            continue
                         self.admit(s)                    # prefill, then join the running batch
                     self.retire()                        # (a first token can end a sequence)
                     if self.running:
@@ -126,6 +178,7 @@ class Engine:
     def admit(self, s):
         """Run the prompt alone, keep its keys and values in a free slot, draw the first token."""
         from ..generation import KVCache
+        s.decoded = Detokenizer(self.tokenizer)
         ids = torch.tensor([s.prompt], device=self.device)
         cache = KVCache(self.layers, self.heads, self.head_size, 1, len(s.prompt), self.device, self.dtype)
         hidden = self.model.hidden_states(ids, None, None, cache)
@@ -138,17 +191,41 @@ class Engine:
         self.pending.append(None)
         self.choose(slot, self.model.lm_head(hidden[:, -1]).float()[0])
 
+    # ---- the key/value cache's memory ------------------------------------------------------------
+    def need(self, s):
+        """Positions a sequence may fill: its prompt and every token it may add."""
+        return len(s.prompt) + s.request.settings["max_tokens"]
+
+    def fits(self, newcomers):
+        """Would the cache, with room for the running sequences and these, stay within the budget?
+        It is one tensor: as many places as sequences, each as long as the longest one needs."""
+        slots = max(len(self.running) + len(newcomers), self.k.shape[1])
+        positions = max([self.k.shape[3]] + [self.need(s) for s in self.running + newcomers])
+        return slots * positions * self.position_bytes <= self.budget
+
+    def release(self):
+        """Free the cache, and ask the C library to hand the freed pages back to the system (it
+        keeps them otherwise, the more so under tricks.keep_freed_memory)."""
+        self.k = self.v = torch.empty(self.layers, 0, self.heads, 0, self.head_size)
+        malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
+        if malloc_trim is not None:
+            malloc_trim(0)
+
     def reserve(self, slots, positions):
         """Grow the cache to hold `slots` sequences of `positions` each: the dimension that is short
-        doubles (so growing is rare), up to --max-batch slots and the model's context; the other stays."""
+        doubles (so growing is rare), up to --max-batch slots, the model's context and the budget;
+        the other stays."""
         have_slots, have_positions = self.k.shape[1], self.k.shape[3]
         if slots <= have_slots and positions <= have_positions:
             return
+        wanted = max(slots, have_slots), max(positions, have_positions)
         if slots > have_slots:
             slots = min(max(slots, 2 * have_slots), self.max_batch)
         if positions > have_positions:
             positions = min(max(positions, 2 * have_positions), self.model.config.context)
         slots, positions = max(slots, have_slots), max(positions, have_positions)
+        if slots * positions * self.position_bytes > self.budget:
+            slots, positions = wanted                   # no room to spare: exactly what is needed
         shape = (self.layers, slots, self.heads, positions, self.head_size)
         k, v = (torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2))
         k[:, :have_slots, :, :have_positions], v[:, :have_slots, :, :have_positions] = self.k, self.v
@@ -190,8 +267,14 @@ class Engine:
             return
         s.tokens.append(token)
         self.pending[slot] = token
-        text = self.tokenizer.decode(s.tokens)
-        cut = min((text.find(x) for x in settings["stop"] if x in text), default=-1)
+        seen = len(s.decoded.text)
+        piece = s.decoded.add(token)
+        if settings.get("logprobs") is not None:
+            s.pieces.append(piece)
+        text = s.decoded.text + s.decoded.held
+        # a stop string not found before ends in the new text: look only there
+        found = [text.find(x, max(0, seen - len(x) + 1)) for x in settings["stop"]]
+        cut = min((i for i in found if i >= 0), default=-1)
         s.text = text if cut < 0 else text[:cut]
         if cut >= 0:
             s.finish_reason = "stop"

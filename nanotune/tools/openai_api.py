@@ -1,6 +1,7 @@
 """The OpenAI API's wire format, for the server: requests checked field by field (types, ranges,
 sizes) with OpenAI-style error objects, and responses and stream chunks in the shapes the `openai`
 client reads, for /v1/completions and /v1/chat/completions."""
+import itertools
 import json
 import secrets
 import time
@@ -46,7 +47,7 @@ def settings(body, default_max_tokens, chat=False):
          "n": field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"a whole number from 1 to {MAX_N}"),
          "stop": [stop] if isinstance(stop, str) else stop,
          "seed": field(body, "seed", int, None, lambda v: 0 <= v < 2**63, "a whole number >= 0"),
-         "stream": field(body, "stream", bool, False),
+         "stream": field(body, "stream", bool, False, allowed="true or false"),
          "logprobs": None}
     if not chat:
         s["logprobs"] = field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "a whole number from 0 to 5")
@@ -110,6 +111,10 @@ def check_size(prompts, s, context, max_batch):
                                 f" {s['n']}); the server decodes at most {max_batch} at once (--max-batch): send fewer"
                                 " prompts or a smaller n", param="n")
     longest = max(map(len, prompts))
+    if longest >= context:
+        raise RequestError(400, f"the prompt is {longest} tokens long; this model's context is {context} tokens, and"
+                                " the prompt must leave room for at least one new token: shorten it",
+                           param="prompt", code="context_length_exceeded")
     if longest + s["max_tokens"] > context:
         raise RequestError(400, f"this model's context is {context} tokens; the prompt has {longest} and 'max_tokens'"
                                 f" asks for {s['max_tokens']} more: lower 'max_tokens' to {max(context - longest, 0)}"
@@ -159,14 +164,18 @@ def chunk(model_id, chat, request_id, created, index, text, finish=None, first=F
 
 def logprobs(s, tokenizer):
     """OpenAI's logprobs object for a completion: each token's text, its log-probability and the
-    likeliest alternatives, and where each token's text starts."""
+    likeliest alternatives, and where each token's text starts. Each token's share of the text
+    comes from the engine (a token that is half a character gets "", the one completing it the
+    character): the shares join to the text."""
     if s.request.settings["logprobs"] is None:
         return None
     kept = s.logprobs[:len(s.tokens)]
-    tokens = token_texts([t for t, _, _ in kept], tokenizer)
+    tokens = s.pieces[:len(kept)]
+    if tokens:                                   # what is still held at the end belongs to the last token
+        tokens[-1] += s.decoded.held
     return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in kept],
             "top_logprobs": [alternatives(top, tokenizer) for _, _, top in kept],
-            "text_offset": [sum(map(len, tokens[:i])) for i in range(len(tokens))]}
+            "text_offset": [0, *itertools.accumulate(map(len, tokens[:-1]))] if tokens else []}
 
 
 def alternatives(top, tokenizer):
@@ -179,19 +188,3 @@ def alternatives(top, tokenizer):
             text = tokenizer.tokenizer.id_to_token(i)
         shown[text] = value
     return shown
-
-
-def token_texts(ids, tokenizer):
-    """Each token's share of the decoded text: they join to the text. A token that is half of a
-    character (byte-level BPE splits some) gets "" and the token that completes it the character."""
-    texts, done = [], ""
-    for i in range(len(ids)):
-        text = tokenizer.decode(ids[:i + 1])
-        if text.endswith("\ufffd"):
-            texts.append("")
-            continue
-        texts.append(text[len(done):])
-        done = text
-    if texts:                                    # what is still held at the end belongs to the last token
-        texts[-1] += tokenizer.decode(ids)[len(done):]
-    return texts

@@ -46,7 +46,7 @@ def main(args):
         return serve.serve(model, tokenizer, args.model or "out", args.host, args.port,
                            args.api_key or os.environ.get("NANOTUNE_API_KEY"), args, template)
     if args.eval:                                          # scores on a file; --compare: beside full precision
-        scores = quantization_error.compare if args.compare else lambda a, m, t, *_: evaluate_file(a, m, t)
+        scores = quantization_error.compare if args.compare else lambda a, m, t, base, *_: evaluate_file(a, m, t, base)
         return show(args, *scores(args, model, tokenizer, base, device))
     if args.lm_eval: return lm_eval.run(args, model, tokenizer, template)   # lm-eval's tasks: scores to compare
     if args.explain and not is_lm:                         # integrated gradients for each token

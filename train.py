@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotune import NanotuneError, load_tokenizer, rl, tricks
+from nanotune import NanotuneError, load_tokenizer, preference, rl, tricks
 from nanotune.chat import render_conversations
 from nanotune.data import (batch_order, check_something_to_learn, fit_conversations, lm_sequences, make_batch, mix,
                            pack, pack_examples, read_examples, split, truncate)
@@ -53,8 +53,9 @@ def main(args):
     # and how much memory the run will need, are known before the weights are loaded.
     tokenizer = load_tokenizer(args.model)
     added = grow_tokenizer(tokenizer, args.add_tokens)
-    template = render_conversations(train_examples, val_examples, tokenizer, args.model, args.chat_template,
-                                    args.train_on)                # conversations: the model's own template
+    render = preference.render_pairs if run.task in preference.TASKS else render_conversations
+    template = render(train_examples, val_examples, tokenizer, args.model, args.chat_template,
+                      args.train_on)                              # conversations: the model's own template
     config = model_config(args.model)
     max_length = context_length(args, config, run.task)
     report = data_report(train_examples, tokenizer, run.task, max_length, args.truncate)
@@ -74,6 +75,8 @@ def main(args):
                                       "validation")
     check_something_to_learn(run.task, train_ids, val_ids, run.world)
     run.print(describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, run.task))
+    if run.task in preference.TASKS and not (args.show_batch or args.dry_run or args.data_report):
+        preference.prepare(model, run, train_ids + val_ids, args.batch_size, tokenizer.pad_id)   # the reference
     if args.show_batch or args.dry_run:           # the first batch as the model sees it; nothing trained or written
         return batch_view.show_first_batch(args, run, tokenizer, train_ids, train_labels, labels, report, max_length)
 
@@ -161,6 +164,8 @@ def tokenize(examples, tokenizer, task, max_length, labels, args, template=None,
     or a conversation's questions); for a classifier the label's id. Also how many texts were longer
     than `max_length`: never dropped silently (LM texts are cut into windows, classification texts
     and conversations truncated; a conversation with no answer token left is left out, and `say`s so)."""
+    if task in preference.TASKS:                     # pairs: the prompt, then each answer (preference.py)
+        return preference.tokenize_pairs(examples, tokenizer, max_length)
     if examples and "messages" in examples[0]:       # conversations, through the model's chat template
         pairs = [template.tokenize(e["messages"], args.train_on) for e in examples]
         sequences, targets, too_long = fit_conversations(pairs, examples, max_length, name, say)
@@ -188,8 +193,8 @@ def check_inputs(args):
     train_examples, val_examples, label_names = load_data(args, task)
     tokenizer = load_tokenizer(args.model)
     grow_tokenizer(tokenizer, args.add_tokens)
-    template = render_conversations(train_examples, val_examples, tokenizer, args.model, args.chat_template,
-                                    args.train_on)
+    render = preference.render_pairs if task in preference.TASKS else render_conversations
+    template = render(train_examples, val_examples, tokenizer, args.model, args.chat_template, args.train_on)
     max_length = context_length(args, model_config(args.model), task)
     quiet = lambda message: None                   # the run itself says it
     train_ids = tokenize(train_examples, tokenizer, task, max_length, label_names, args, template, quiet)[0]
@@ -207,7 +212,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     train_ids, train_labels, val_ids, val_labels = data
     out, task, device = Path(args.out), run.task, run.device
     labels = model.config.labels if task == "classify" else None
-    loss_options = loss_settings(args, train_labels, labels, device)
+    loss_options = loss_settings(args, task, train_labels, labels, device)
     lengths = [len(ids) for ids in train_ids] if args.group_by_length else None
     steps_per_epoch = math.ceil(math.ceil(len(train_ids) // run.world / args.batch_size) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
@@ -278,9 +283,11 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     return None
 
 
-def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0):
+def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0, **preference_options):
     """The forward pass and the loss, summed over the batch's scored tokens (LM) or examples
     (classification): the logits, then the loss over them (nanotune/losses.py)."""
+    if task in preference.TASKS:                       # pairs of answers: DPO (nanotune/preference.py)
+        return preference.loss_sum(model, batch, task, label_smoothing=label_smoothing, **preference_options)
     if task == "lm" and tricks.enabled("chunked_loss") and tricks.chunks_the_loss(model):
         return tricks.chunked_lm_loss_sum(model, batch)                # the same sum, never all the logits at once
     if task == "lm":
@@ -290,10 +297,11 @@ def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0):
     return classification_loss(logits, batch["labels"], class_weights, label_smoothing) * batch["labels"].numel()
 
 
-def loss_settings(args, train_labels, labels, device):
-    """loss_sum's options: --class-weights balanced (from the training labels), --label-smoothing."""
+def loss_settings(args, task, train_labels, labels, device):
+    """loss_sum's options: --class-weights balanced (from the training labels), --label-smoothing, and
+    preference tuning's --beta and --dpo-loss."""
     weights = balanced_class_weights(train_labels, len(labels), device) if args.class_weights else None
-    return dict(class_weights=weights, label_smoothing=args.label_smoothing)
+    return dict(class_weights=weights, label_smoothing=args.label_smoothing, **preference.loss_options(args, task))
 
 
 def train_step(model, micro_batches, optimizer, lr, task, max_grad_norm, device, autocast=nullcontext, **loss_options):
@@ -338,6 +346,10 @@ def clip_and_step(optimizer, params, max_grad_norm):
 def validation(args, run, tokenizer, data, labels):
     """The validation scores of a model: `evaluate` with the run's batches and precision."""
     _, _, val_ids, val_labels = data
+    if run.task in preference.TASKS:                  # the held-out pairs' loss and rewards
+        return lambda model: preference.evaluate_pairs(model, val_ids, args.batch_size, tokenizer.pad_id, run.device,
+                                                       run.autocast, label_smoothing=args.label_smoothing,
+                                                       **preference.loss_options(args, run.task))
     return lambda model: evaluate(model, run.task, val_ids, val_labels, args.batch_size, tokenizer.pad_id, run.device,
                                   len(labels or ()), run.autocast)
 
@@ -375,7 +387,7 @@ def find_learning_rate(args, run, model, train_model, optimizer, tokenizer, data
     """--lr-find (nanotune/tools/lr_find.py), stepping with this file's train_step."""
     train_ids, train_labels, val_ids, val_labels = data
     labels = model.config.labels if run.task == "classify" else None
-    loss_options = loss_settings(args, train_labels, labels, run.device)
+    loss_options = loss_settings(args, run.task, train_labels, labels, run.device)
 
     def step(indices, lr):
         batch = make_batch(run.task, train_ids, train_labels, indices, tokenizer.pad_id, run.device)

@@ -81,6 +81,9 @@ def read_examples(path, text_column="text", label_column="label", with_labels=Fa
     else:
         return [{"text": line} for line in lines if line.strip()]
 
+    if suffix == ".jsonl" and not with_labels and rows and {"chosen", "rejected"} <= rows[0][1].keys():
+        from .preference import read_pairs          # preference pairs: a prompt, a chosen and a rejected answer
+        return read_pairs(path, rows)
     if suffix == ".jsonl" and not with_labels and rows and (CONVERSATION & rows[0][1].keys()):
         return read_conversations(path, rows)
     wanted = [text_column] + ([label_column] if with_labels else [])
@@ -344,6 +347,21 @@ def classify_batch(sequences, labels, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
 
 
+def pair_batch(pairs, pad_id):
+    """Preference pairs (preference.Pair) as one batch of 2B rows, the B chosen answers above the B
+    rejected ones, so that one forward pass scores both; each row is scored on its answer only (the
+    prompt's labels are -100). With each pair's margin and, when computed before training, the
+    reference's log-probabilities of its answers (2B,), in the rows' order."""
+    rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    labels = [[IGNORE] * len(p.prompt) + p.chosen for p in pairs] + [[IGNORE] * len(p.prompt) + p.rejected
+                                                                      for p in pairs]
+    batch = lm_batch(rows, pad_id, labels)
+    batch["margin"] = torch.tensor([p.margin for p in pairs])
+    if all(p.ref is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs])
+    return batch
+
+
 def make_batch(task, sequences, labels, indices, pad_id, device, context=None):
     """A batch of the examples at `indices`, on `device`: for a language model `labels` holds each
     sequence's per-token labels (None: the ids themselves), for a classifier each example's label id.
@@ -352,6 +370,8 @@ def make_batch(task, sequences, labels, indices, pad_id, device, context=None):
     multiple of 8 positions, up to the context."""
     if task == "lm":
         batch = lm_batch([sequences[i] for i in indices], pad_id, [labels[i] for i in indices] if labels else None)
+    elif task == "dpo":
+        batch = pair_batch([sequences[i] for i in indices], pad_id)
     else:
         batch = classify_batch([sequences[i] for i in indices], [labels[i] for i in indices], pad_id)
     if context is not None and tricks.enabled("few_shapes"):      # widths in steps of 8: a few shapes, reused

@@ -37,8 +37,10 @@ def causal_lm_loss_sum(logits, labels):
 
 def scored_count(batch) -> int:
     """What a batch's summed loss sums over: the tokens that have a next token to predict (LM,
-    labels (B, T)), or the examples (classification, labels (B,))."""
+    labels (B, T)), the examples (classification, labels (B,)), or the pairs (preference)."""
     labels = batch["labels"]
+    if "margin" in batch:                # preference pairs: the loss is a mean over pairs, not tokens
+        return batch["margin"].numel()
     if labels.dim() == 1:
         return labels.numel()
     return int((next_token_labels(labels) != IGNORE).sum())

@@ -347,13 +347,17 @@ def check(args, run, config, report, num_labels):
     seq = lengths["max_length"] if run.task == "lm" and args.pack else min(lengths["max"], lengths["max_length"])
     if tricks.enabled("few_shapes"):                # data.make_batch pads each batch on to a multiple of 8
         seq = tricks.padded_width(seq, lengths["max_length"])
-    settings = dict(batch=args.batch_size, seq=seq, bf16=args.bf16, quant=run.quant, lora=run.lora,
+    # preference pairs: two rows a pair (chosen and rejected), and the full logits for their
+    # log-probabilities; the reference's pass keeps nothing for backward, and fits in what the pass frees
+    pairs = run.task == "dpo"
+    settings = dict(batch=args.batch_size * (2 if pairs else 1), seq=seq, bf16=args.bf16, quant=run.quant,
+                    lora=run.lora,
                     checkpointing=args.grad_checkpointing, labels=num_labels,
-                    chunked_loss=tricks.enabled("chunked_loss"), on_gpu=run.device.type == "cuda",
+                    chunked_loss=tricks.enabled("chunked_loss") and not pairs, on_gpu=run.device.type == "cuda",
                     background_saving=tricks.enabled("background_saving")
                     and saves_in_background(run, min(args.epochs, args.stop_after_epochs or args.epochs)))
     parts = estimate(config, **settings)
-    run.print(format_estimate(parts, args.batch_size, seq))
+    run.print(format_estimate(parts, settings["batch"], seq))
     free = free_memory(run.device)
     if free is not None and parts["needed"] > free and not args.fsdp:     # (FSDP shards what is counted here)
         fits = what_fits(config, settings, free, args.grad_accum)

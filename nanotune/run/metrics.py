@@ -28,6 +28,7 @@ class RunningLoss:
         self.loss, self.count, self.tokens = torch.zeros((), device=self.device), 0, 0
         self.norm, self.clipped = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         self.steps = 0
+        self.scores = {}                # what a loss leaves in its batches' "metrics" (DPO's rewards), summed
         self.start = time.time()
 
     def add(self, summed_loss, count, batches, norm=None, max_norm=None):
@@ -35,6 +36,9 @@ class RunningLoss:
         self.count += count
         self.tokens += sum(int(b["attention_mask"].sum()) if b["attention_mask"] is not None else b["input_ids"].numel()
                            for b in batches)
+        for batch in batches:
+            for name, value in batch.get("metrics", {}).items():
+                self.scores[name] = self.scores.get(name, 0) + value
         if norm is not None:
             if hasattr(norm, "full_tensor"):      # under --fsdp the norm is a distributed tensor
                 norm = norm.full_tensor()
@@ -44,11 +48,13 @@ class RunningLoss:
 
     def read(self, device):
         """(mean loss, or None when nothing was scored since the last report; tokens per second;
-        {"grad_norm", "clipped"} or {})."""
+        {"grad_norm", "clipped"} or {}, and the loss's own scores)."""
         loss, count, tokens = sum_across(self.loss.item(), self.count, self.tokens, device=device)
         norms = {}
         if self.steps:
             norms = {"grad_norm": self.norm.item() / self.steps, "clipped": self.clipped.item() / self.steps}
+        if self.scores and count:       # means over the same pairs as the loss
+            norms |= dict(zip(self.scores, (v / count for v in sum_across(*self.scores.values(), device=device))))
         result = loss / count if count else None, tokens / (time.time() - self.start), norms
         self._reset()
         return result
@@ -69,8 +75,8 @@ class MetricsLog:
         append_line(self.path, json.dumps(record))
 
     def plot(self):
-        """Training and validation loss, the learning rate and the gradient's norm against the
-        step, one figure, OUT/training.png. None without matplotlib (an optional extra)."""
+        """Training and validation loss, the learning rate and the gradient's norm (and DPO's rewards)
+        against the step, one figure, OUT/training.png. None without matplotlib (an optional extra)."""
         if not self.enabled:
             return None
         try:
@@ -83,7 +89,9 @@ class MetricsLog:
         records = [json.loads(line) for line in self.path.read_text().splitlines()]
         train = [r for r in records if r["event"] == "train"]
         evals = [r for r in records if r["event"] == "eval"]
-        fig, (loss, lr, norm) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+        rewards = [r for r in train if "rewards/margins" in r]        # preference tuning: DPO's rewards too
+        fig, axes = plt.subplots(3 + bool(rewards), 1, figsize=(7, 8 + 2.5 * bool(rewards)), sharex=True)
+        loss, lr, norm = axes[:3]
         loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
         loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
         loss.set_ylabel("loss")
@@ -92,7 +100,11 @@ class MetricsLog:
         lr.set_ylabel("learning rate")
         norm.plot([r["step"] for r in train if "grad_norm" in r], [r["grad_norm"] for r in train if "grad_norm" in r])
         norm.set_ylabel("gradient norm (before clipping)")
-        norm.set_xlabel("optimizer step")
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins") if rewards else ():
+            axes[3].plot([r["step"] for r in rewards], [r[name] for r in rewards], label=name)
+            axes[3].set_ylabel("reward (beta x log-ratio)")
+            axes[3].legend()
+        axes[-1].set_xlabel("optimizer step")
         fig.tight_layout()
         atomic_write(self.path.parent / "training.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
@@ -109,7 +121,8 @@ def report_training(running, bar, log, epoch, step, lr, device):
         bar.close()
         raise NanotuneError(f"the loss became {loss} at step {step}; nothing was saved from this step on."
                             " Lower --lr, keep --max-grad-norm on, or check the data")
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+    accuracy = {"acc": f"{norms['rewards/accuracies']:.2f}"} if "rewards/accuracies" in norms else {}
+    bar.set_postfix(loss=f"{loss:.4f}", **accuracy, lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
     log.log("train", epoch=epoch + 1, step=step, loss=loss, lr=lr, tokens_per_s=speed, **norms)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .. import tricks
+from .. import preference, tricks
 from ..data import find_data_file
 from ..errors import NanotuneError
 from ..lora import DEFAULT_TARGETS, LoRAConfig
@@ -106,12 +106,18 @@ def parser():
                    help="keep fixed: embeddings, N (embeddings + first N layers), or body (all but the head)")
     g.add_argument("--class-weights", choices=["balanced"], help="classification: weight each label by 1/frequency")
     g.add_argument("--label-smoothing", type=number(0, 1, high_open=True), default=0.0,
-                   help="classification: target probability spread over all labels")
+                   help="classification: target probability spread over all labels; preference pairs: the share"
+                        " assumed labelled the wrong way round (conservative DPO)")
     g.add_argument("--patience", type=whole_number(1),
                    help="stop after this many epochs without a better validation loss")
     g.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=42, help="same seed, same data order, same run")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model across ranks (FSDP) instead of copying it (DDP)")
+    g = p.add_argument_group("preference tuning (data with prompt, chosen and rejected fields)")
+    g.add_argument("--beta", type=number(0, low_open=True), default=0.1,
+                   help="DPO: how far from the reference the model may move (smaller: further)")
+    g.add_argument("--dpo-loss", choices=["sigmoid", "ipo"], default="sigmoid",
+                   help="sigmoid: DPO's -log sigmoid(beta * margin); ipo: (margin - 1/(2 beta))^2 on mean log-probs")
     g = p.add_argument_group("LoRA and quantization (QLoRA)")
     g.add_argument("--quantize", choices=["8bit", "4bit"],
                    help="load the linear layers in 8 or 4 bits (bitsandbytes); trains LoRA adapters")
@@ -227,7 +233,7 @@ def check_settings(args, task):
             if given:
                 raise NanotuneError(f"{flag} applies to classification, and {args.model} is a language model:"
                                     " leave it out")
-    else:
+    elif task == "classify":
         for flag, given in (("--pack", args.pack), ("--stride", args.stride)):
             if given:
                 raise NanotuneError(f"{flag} applies to language modelling; {args.model} is a classifier: leave it out")
@@ -286,7 +292,7 @@ def check_flags(args):
     """(model type, task, QuantConfig, LoRAConfig, what starting in --out means) with every flag
     checked against the others, the model's config.json and --out; reads, writes nothing."""
     kind = model_type(args.model)                            # finds the checkpoint and reads its config.json
-    task = TASKS[kind]
+    task = preference.task_of(args, TASKS[kind])             # data of chosen and rejected answers: dpo
     check_settings(args, task)
     looking_only = args.data_report or args.dry_run or args.show_batch or args.show_groups   # these write nothing
     start = None if looking_only else output.check(args.out, args.resume, args.overwrite, local_inputs(args))
@@ -302,7 +308,7 @@ class Run:
     world: int
     bf16: bool
     kind: str                # the checkpoint's model_type: gpt2, bert
-    task: str                # lm or classify
+    task: str                # lm, classify or dpo
     quant: QuantConfig | None
     lora: LoRAConfig | None
     start: str | None        # what --out means: new, resume, restart, overwrite (None: nothing is written)

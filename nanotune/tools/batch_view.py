@@ -90,6 +90,13 @@ def show_first_batch(args, run, tokenizer, sequences, labels, label_names, repor
     first = batch_order(len(sequences), args.batch_size, args.seed, 0, lengths=lengths)[0]
     batch = make_batch(run.task, sequences, labels, first, tokenizer.pad_id, "cpu")
     longer, beyond = report["lengths"]["longer"], report["lengths"]["tokens_beyond"]
+    if run.task == "dpo":                   # preference pairs: language-model rows, two a pair
+        notes = [f"preference pairs: rows 1-{len(first)} are the prompts with their chosen answers, rows"
+                 f" {len(first) + 1}-{2 * len(first)} the same prompts with the rejected ones; only the answers are"
+                 " scored (their summed log-probability is what DPO compares)"]
+        notes += [f"{longer} pairs have an answer cut to fit --max-length {max_length}"] if longer else []
+        run.print(show_batch(batch, tokenizer, "lm", args.show_batch or 2, notes=notes))
+        return 0
     notes = batch_notes(batch, tokenizer, run.task, longer, max_length, beyond, args.pack, args.truncate)
     run.print(show_batch(batch, tokenizer, run.task, args.show_batch or 2, label_names, notes=notes))
     return 0

@@ -3,20 +3,26 @@ A language model gets loss and perplexity (long texts read in overlapping window
 gets accuracy, per-label scores, the confusion matrix and the examples it got most confidently wrong."""
 import json
 
+import torch
+
 from ..chat import ChatTemplate, read_template
-from ..data import read_examples, truncate
+from ..data import batch_order, make_batch, read_examples, truncate
 from ..errors import NanotuneError
 from ..losses import IGNORE
+from ..models import load_model
+from ..preference import answer_logps, render_pairs, tokenize_pairs
 from ..evaluate import (classification_report, classify_all, evaluate, format_classification, lm_perplexity,
                         plot_confusion, top_losses)
 
 
-def evaluate_file(args, model, tokenizer):
+def evaluate_file(args, model, tokenizer, base=None):
     """(results as a dict, the same as text)."""
     if hasattr(model, "lm_head"):
         examples = read_examples(args.eval, args.text_column, args.label_column, with_labels=False)
         if "messages" in examples[0]:
             return conversations(args, model, tokenizer, examples)
+        if "chosen" in examples[0]:                      # preference pairs
+            return preference_pairs(args, model, tokenizer, examples, base or args.model)
         r = lm_perplexity(model, [tokenizer.encode(e["text"]) + [tokenizer.eos_id] for e in examples], args.stride)
         context = model.config.context
         windows = (f" ({r['long_texts']} longer than the context of {context}, read in windows {r['stride']}"
@@ -55,6 +61,32 @@ def conversations(args, model, tokenizer, examples):
     r |= {"conversations": len(examples), "answer_tokens": sum(t != IGNORE for lab in labels for t in lab[1:])}
     return r, (f"{r['conversations']} conversations, {r['answer_tokens']:,} answer tokens scored (the questions are"
                f" not)\nloss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}")
+
+
+@torch.no_grad()
+def preference_pairs(args, model, tokenizer, examples, base):
+    """Pairwise accuracy on preference pairs: the share whose chosen answer the model gives a higher
+    log-probability than the rejected one. For an adapter, also DPO's reward accuracy: the share whose
+    chosen answer gained more log-probability than the rejected one since the base model, which is
+    what DPO trains (a pair both models rank right can still have lost ground)."""
+    render_pairs(examples, [], tokenizer, args.model, args.chat_template)
+    pairs = tokenize_pairs(examples, tokenizer, model.config.context)[0]
+    device = next(model.parameters()).device
+    reference = load_model(base, device=device).eval() if args.adapter or base != args.model else None
+    wins, gains = 0, 0
+    for indices in batch_order(len(pairs), 8, 0, 0, shuffle=False):
+        batch = make_batch("dpo", pairs, None, indices, tokenizer.pad_id, device)
+        chosen, rejected = answer_logps(model, batch)[0].chunk(2)                  # the chosen rows come first
+        wins += int((chosen > rejected).sum())
+        if reference is not None:
+            ref_chosen, ref_rejected = answer_logps(reference, batch)[0].chunk(2)
+            gains += int(((chosen - ref_chosen) > (rejected - ref_rejected)).sum())
+    r = {"pairs": len(pairs), "accuracy": wins / len(pairs)}
+    text = f"{len(pairs)} pairs: the chosen answer more likely than the rejected one in {r['accuracy']:.1%}"
+    if reference is not None:
+        r["reward_accuracy"] = gains / len(pairs)
+        text += f"\nagainst the base model {base}: reward accuracy {r['reward_accuracy']:.1%}"
+    return r, text
 
 
 def show(args, result, text):

@@ -1,0 +1,324 @@
+"""Preference tuning: teach a model which of two answers is better (DPO), not just to imitate one.
+
+Supervised fine-tuning raises the probability of the answers it is shown. Preference data gives,
+for each prompt, a chosen answer and a rejected one, and DPO (Direct Preference Optimization,
+Rafailov et al., 2023) trains the model so that, measured against a frozen reference (the model
+before this training), the chosen answer gains probability relative to the rejected one:
+
+    reward(y) = beta * (log p_model(y | x) - log p_ref(y | x))        the "implicit reward"
+    loss      = -log sigmoid(reward(chosen) - reward(rejected))
+
+It is the reward model's loss (Bradley-Terry: P(chosen beats rejected) = sigmoid of the
+difference of the rewards) with the reward written through the policy itself, so no separate
+reward model and no sampling are needed: one classification-like loss over log-probabilities.
+The reference keeps the model close to where it started (beta: how close; smaller lets it move
+further). At the first step the model is the reference, every reward is 0 and the loss is ln 2.
+
+The rows: {"prompt", "chosen", "rejected"} (and optionally "margin", for the reward model), each a
+string (plain text), or for chat models TRL's conversational format: "prompt" a list of messages,
+"chosen" / "rejected" an assistant message or a list of messages. The prompt is rendered with the
+model's chat template and its generation prompt, each answer as the text that follows it, so that
+the ids scored are exactly what the model would write after that prompt.
+"""
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .chat import ChatTemplate, check_conversation, read_template
+from .errors import NanotuneError
+from .losses import IGNORE, next_token_labels
+
+FIELDS = ("prompt", "chosen", "rejected")
+TASKS = ("dpo",)                       # what train.py calls the tasks that train on pairs
+
+
+# ---- reading and rendering the pairs --------------------------------------------------------------
+
+def is_pair_row(row) -> bool:
+    """A .jsonl row of preference data: it has a chosen and a rejected answer."""
+    return isinstance(row, dict) and "chosen" in row and "rejected" in row
+
+
+def task_of(args, task):
+    """"dpo" when the first --data file holds preference pairs (told by its first row's fields), else
+    `task`; the flags that make no sense for pairs are refused here."""
+    from .data import find_data_file
+    path = find_data_file(args.data[0])
+    first = None
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), None)
+    try:
+        pairs = first is not None and is_pair_row(json.loads(first))
+    except json.JSONDecodeError:
+        pairs = False                           # read_examples reports the line
+    if not pairs:
+        return task
+    if task != "lm":
+        raise NanotuneError(f"{path} holds preference pairs, which train a language model, and {args.model} is a"
+                            " classifier: give a GPT-2 or Llama-family model")
+    for flag, given in (("--pack", args.pack), ("--stride", args.stride), ("--class-weights", args.class_weights),
+                        ("--new-head", args.new_head), ("--truncate", args.truncate != "head"),
+                        ("--train-on", args.train_on != "answers")):
+        if given:
+            raise NanotuneError(f"{flag} does not apply to preference pairs (each pair is scored on its two answers"
+                                " whole): leave it out")
+    if args.dpo_loss == "ipo" and args.label_smoothing:
+        raise NanotuneError("--label-smoothing is conservative DPO's (--dpo-loss sigmoid); IPO has no labels to"
+                            " smooth: leave one out")
+    return "dpo"
+
+
+def as_messages(part, role):
+    """A prompt or an answer as a list of messages: a string becomes one message of `role`."""
+    if isinstance(part, str):
+        return [{"role": role, "content": part}]
+    return [part] if isinstance(part, dict) else part
+
+
+def read_pairs(path, rows) -> list:
+    """The preference rows of a .jsonl file, checked: every field there, answers not empty and not
+    equal, one format (text or conversations) a file. Each bad row is named by its line."""
+    examples = []
+    for where, row in rows:
+        missing = [k for k in FIELDS if row.get(k) in (None, "", [])]
+        if missing:
+            raise NanotuneError(f"{path} {where} has no {' or '.join(map(repr, missing))}: every preference row needs"
+                                " a prompt, a chosen and a rejected answer")
+        chat = any(not isinstance(row[k], str) for k in FIELDS)
+        if examples and chat != examples[0]["chat"]:
+            raise NanotuneError(f"{path} {where} mixes plain text and conversations with the lines before it: keep"
+                                " one format a file")
+        if chat:
+            prompt = as_messages(row["prompt"], "user")
+            answers = []
+            for k in ("chosen", "rejected"):
+                if not isinstance(row[k], (str, dict, list)) or not isinstance(prompt, list):
+                    raise NanotuneError(f"{path} {where}: {k!r} is {json.dumps(row[k])[:40]}: give a string, a"
+                                        " message, or a list of messages")
+                conversation = check_conversation(prompt + as_messages(row[k], "assistant"), f"{path} {where}")
+                answers.append(conversation[len(prompt):])
+            prompt = conversation[:len(prompt)]
+            if not all(m["content"].strip() for answer in answers for m in answer):
+                raise NanotuneError(f"{path} {where} has an empty answer: give both answers some text")
+        else:
+            prompt, answers = row["prompt"], [row["chosen"], row["rejected"]]
+            if not all(a.strip() for a in answers):
+                raise NanotuneError(f"{path} {where} has an empty answer: give both answers some text")
+        if answers[0] == answers[1]:
+            raise NanotuneError(f"{path} {where}: the chosen and the rejected answer are the same, so there is no"
+                                " preference to learn: fix or drop the row")
+        margin = row.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise NanotuneError(f"{path} {where}: 'margin' is {json.dumps(margin)[:40]}, not a number")
+        examples.append({"prompt": prompt, "chosen": answers[0], "rejected": answers[1], "margin": float(margin),
+                         "chat": chat, "where": f"{path} {where}"})
+    if not examples:
+        raise NanotuneError(f"data file {path} holds no preference pairs")
+    return examples
+
+
+def render_pairs(train_examples, val_examples, tokenizer, model_name, choice=None, train_on="answers"):
+    """Each pair's prompt and answers as text: conversations through the model's chat template
+    (--chat-template overrides it), the prompt with the generation prompt that opens the assistant's
+    turn, each answer as what the template writes after it (up to and including its end-of-turn
+    token). Plain text: the prompt, and each answer followed by the end-of-text token when
+    tokenized. Sets "text" (prompt + chosen) for the data report; returns the template or None."""
+    template = None
+    if any(e["chat"] for e in train_examples + val_examples):
+        source = read_template(None, choice) if choice else tokenizer.chat_template
+        if source is None:
+            raise NanotuneError(f"{model_name} has no chat template to write conversations with: give one with"
+                                " --chat-template FILE, or --chat-template chatml")
+        template = ChatTemplate(source, tokenizer)
+    elif choice:
+        raise NanotuneError("--chat-template applies to conversations, and these pairs are plain text: leave it out")
+    for e in train_examples + val_examples:
+        if not e["chat"]:
+            e["prompt_text"], e["chosen_text"], e["rejected_text"] = e["prompt"], e["chosen"], e["rejected"]
+        else:
+            e["prompt_text"] = template.render(e["prompt"], add_generation_prompt=True)
+            for k in ("chosen", "rejected"):
+                full = template.render(e["prompt"] + e[k])
+                if not full.startswith(e["prompt_text"]):
+                    raise NanotuneError(f"{e['where']}: the chat template does not write the answer after the prompt"
+                                        " it writes alone (it changes earlier turns): give another with"
+                                        " --chat-template")
+                # the answer and its end-of-turn token, not the newline a template may put after it
+                e[k + "_text"] = full[len(e["prompt_text"]):].rstrip()
+        e["text"] = e["prompt_text"] + e["chosen_text"]
+    return template
+
+
+@dataclass
+class Pair:
+    """A prompt's ids and its two answers' ids; the reference model's log-probabilities of both
+    answers once computed before training (None: computed at each step, with the adapters off)."""
+    prompt: list
+    chosen: list
+    rejected: list
+    margin: float = 0.0
+    ref: tuple | None = None
+
+    def __len__(self):              # the width its rows need in a batch
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+
+def tokenize_pairs(examples, tokenizer, max_length):
+    """(pairs, None, how many answers were cut to fit --max-length). A prompt that leaves no room
+    for an answer stops the run with its line. Conversations are encoded without adding special
+    tokens (the template writes its own, as apply_chat_template does); plain text as any text,
+    each answer ending with the end-of-text token, so the model learns to stop."""
+    pairs, cut = [], 0
+    for e in examples:
+        prompt = tokenizer.encode(e["prompt_text"], add_special_tokens=not e["chat"])
+        ends = [] if e["chat"] else [tokenizer.eos_id]
+        answers = [tokenizer.encode(e[k + "_text"], add_special_tokens=False) + ends for k in ("chosen", "rejected")]
+        if len(prompt) >= max_length:
+            raise NanotuneError(f"{e['where']}: the prompt is {len(prompt)} tokens, which leaves no room for an answer"
+                                f" under --max-length {max_length}: shorten it, or raise --max-length")
+        room = max_length - len(prompt)
+        cut += any(len(a) > room for a in answers)
+        pairs.append(Pair(prompt, answers[0][:room], answers[1][:room], e["margin"]))
+    return pairs, None, cut
+
+
+# ---- the loss ----------------------------------------------------------------------------------
+
+def sequence_logps(logits, labels, mask):
+    """log p(answer | prompt) of each row: the sum over the answer's tokens of log p(token | what
+    precedes it). logits (B, T, V); labels (B, T): the token that came next at each position (the
+    ids shifted one place left); mask (B, T): 1 where that token belongs to the answer."""
+    logps = logits.float().log_softmax(-1)                                 # (B, T, V), in fp32 (as the LM loss)
+    picked = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)   # (B, T): log p of the true token
+    return (picked * mask).sum(-1)                                         # (B,): prompt and padding count 0
+
+
+def answer_logps(model, batch):
+    """(log-probabilities of each row's answer (2B,), tokens in each answer (2B,)) for a pair batch."""
+    logits = model(batch["input_ids"], batch["attention_mask"])            # (2B, T, V)
+    labels = next_token_labels(batch["labels"])                            # position t predicts token t + 1
+    mask = labels != IGNORE
+    return sequence_logps(logits, labels, mask), mask.sum(-1)
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, label_smoothing=0.0,
+             kind="sigmoid"):
+    """The DPO loss of each pair, and the implicit rewards of its two answers.
+
+    kind "sigmoid": DPO (Rafailov et al. 2023, eq. 7); with label_smoothing e, conservative DPO
+    (Mitchell 2023), which assumes a share e of the pairs are labelled the wrong way round.
+    kind "ipo": IPO (Azar et al. 2023, eq. 17), a squared loss that stops pushing once the margin
+    reaches 1 / (2 beta), where DPO's keeps pushing towards an infinite margin."""
+    # How much more the model prefers chosen over rejected than the reference does (in nats)
+    logits = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if kind == "sigmoid":
+        # -log P(chosen beats rejected), P = sigmoid(beta * logits) (Bradley-Terry), the labels smoothed
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    elif kind == "ipo":
+        # regress the margin onto 1 / (2 beta): a target, so the loss cannot be driven to 0 by over-fitting
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}")
+    # The rewards are read, not trained: beta times how far each answer moved from the reference
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def loss_sum(model, batch, task="dpo", beta=0.1, kind="sigmoid", label_smoothing=0.0):
+    """The summed DPO loss of a batch of pairs (train.py divides by the pairs of the step). The
+    chosen and rejected rows go through the model in one forward pass; the reference's
+    log-probabilities come with the batch (computed once before training), or, under LoRA, from
+    the same model with its adapters off. The batch's scores are left in batch["metrics"] (sums
+    over its pairs, TRL's names), for the log."""
+    logps, tokens = answer_logps(model, batch)
+    ref = batch.get("ref_logps")
+    if ref is None:
+        from .lora import adapters_off
+        with torch.no_grad(), adapters_off(model):
+            ref = answer_logps(model, batch)[0]
+    if kind == "ipo":       # IPO compares the answers' mean log-probability per token (as TRL does)
+        logps, ref = logps / tokens, ref / tokens
+    chosen, rejected = logps.chunk(2)                                      # the chosen rows come first
+    ref_chosen, ref_rejected = ref.chunk(2)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta,
+                                                        label_smoothing, kind)
+    batch["metrics"] = {"rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+                        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+                        "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
+    return losses.sum()
+
+
+def loss_options(args, task):
+    """The loss's settings from the flags, for train.loss_sum (none for other tasks)."""
+    return dict(beta=args.beta, kind=args.dpo_loss) if task in TASKS else {}
+
+
+def reward_loss(chosen_scores, rejected_scores, margin=None):
+    """The reward model's loss of each pair: -log P(chosen beats rejected), with P = sigmoid of the
+    difference of the scores (Bradley-Terry, as in InstructGPT); a margin (Llama 2) asks the
+    chosen score to lead by at least that much where the raters said one answer was much better."""
+    difference = chosen_scores - rejected_scores - (0.0 if margin is None else margin)
+    return -F.logsigmoid(difference)
+
+
+# ---- before training, and evaluation -----------------------------------------------------------
+
+def without_dropout(model):
+    """Dropout off for good (TRL's disable_dropout): the model and its reference must be the same
+    function at the first step (loss ln 2, rewards 0), and a random mask on one of the four
+    log-probabilities would show up as a reward that is only noise."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attn_pdrop"):                      # GPT-2's attention dropout, a rate, not a module
+            module.attn_pdrop = 0.0
+
+
+@torch.no_grad()
+def add_reference(model, pairs, batch_size, pad_id, device, autocast=nullcontext):
+    """The reference's log-probabilities of both answers of every pair, stored with the pair:
+    the model as it is now (the pre-trained weights), so that training needs no second copy."""
+    from .data import batch_order, make_batch
+    model.eval()
+    for indices in batch_order(len(pairs), batch_size, 0, 0, shuffle=False):
+        batch = make_batch("dpo", pairs, None, indices, pad_id, device)
+        with autocast():
+            logps = answer_logps(model, batch)[0].tolist()
+        for k, i in enumerate(indices):
+            pairs[i].ref = (logps[k], logps[len(indices) + k])
+    model.train()
+
+
+def prepare(model, run, pairs, batch_size, pad_id):
+    """Before the first step: dropout off, and without LoRA the reference's log-probabilities."""
+    without_dropout(model)
+    if not run.lora:
+        run.print(f"reference: the model's log-probabilities of the {len(pairs)} pairs' answers, computed now with"
+                  " its initial weights")
+        add_reference(model, pairs, batch_size, pad_id, run.device, run.autocast)
+    else:
+        run.print("reference: the same model with its LoRA adapters off, at each step")
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, batch_size, pad_id, device, autocast=nullcontext, **options):
+    """The mean loss and rewards over held-out pairs; rewards/accuracies is the share of pairs whose
+    chosen answer the model now prefers more than the reference did."""
+    from .data import batch_order, make_batch
+    model.eval()
+    totals = {}
+    for indices in batch_order(len(pairs), batch_size, 0, 0, shuffle=False):
+        batch = make_batch("dpo", pairs, None, indices, pad_id, device)
+        with autocast():
+            loss = loss_sum(model, batch, **options)
+        for name, value in {"loss": loss, **batch["metrics"]}.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    model.train()
+    return {name: value / len(pairs) for name, value in totals.items()}

@@ -75,10 +75,10 @@ def main(args):
                                       "validation")
     check_something_to_learn(run.task, train_ids, val_ids, run.world)
     run.print(describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, run.task))
-    if run.task in preference.TASKS and not (args.show_batch or args.dry_run or args.data_report):
-        preference.prepare(model, run, train_ids + val_ids, args.batch_size, tokenizer.pad_id)   # the reference
     if args.show_batch or args.dry_run:           # the first batch as the model sees it; nothing trained or written
         return batch_view.show_first_batch(args, run, tokenizer, train_ids, train_labels, labels, report, max_length)
+    if run.task in preference.TASKS:              # DPO's reference, from the weights before any step
+        preference.prepare(model, run, train_ids + val_ids, args.batch_size, tokenizer.pad_id)
 
     # 4. AdamW and the learning-rate schedule (lr_at, in fit). AdamW: Adam with the weight decay
     # applied to the weights directly, not through the gradient, so that Adam's per-weight scaling

@@ -27,8 +27,8 @@ from nanotune.lora import add_lora, save_adapter
 from nanotune.losses import balanced_class_weights, causal_lm_loss_sum, classification_loss, scored_count
 from nanotune.models import check_tokenizer_fits, load_model, model_config
 from nanotune.new_tokens import grow_embedding, grow_tokenizer
-from nanotune.quantize import quantize_linears
 from nanotune.optim import format_groups, freeze, layers_of, lr_at, make_optimizer, unfreeze_gradually
+from nanotune.quantize import quantize_linears
 from nanotune.run import distributed, memory
 from nanotune.run.checkpoint import Saver, StopSignals, saves_in_background
 from nanotune.run.cli import run as run_command

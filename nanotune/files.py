@@ -2,10 +2,10 @@
 
 Every file nanotune writes (model, adapter, tokenizer, training state, metrics, plots, exports,
 search records) goes through `atomic_write`: the bytes go to a temporary file in a folder of its
-own beside the target, reach the disk, and only then is the temporary file renamed over the target. A kill at any moment
-leaves either the old file or the new one, never a mix. An operating-system error on the way (no
-space, a read-only disk, no permission) becomes one `NanotuneError` line naming the file, and what
-was there before stays as it was.
+own beside the target, reach the disk, and only then is the temporary file renamed over the
+target. A kill at any moment leaves either the old file or the new one, never a mix. An
+operating-system error on the way (no space, a read-only disk, no permission) becomes one
+`NanotuneError` line naming the file, and what was there before stays as it was.
 """
 import json
 import os

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from nanotune import NanotuneError, hub, load_tokenizer, tricks
+from nanotune import NanotuneError, hub, load_tokenizer, preference, tricks
 from nanotune.chat import ChatTemplate, read_template
 from nanotune.generation import generate
 from nanotune.lora import load_adapter, merge_lora, read_adapter_config
@@ -189,6 +189,7 @@ def load(args, device):
     quant = (QuantConfig(args.quantize, compute_dtype=DTYPES[args.dtype], cpu_inference_kernel=not args.explain)
              if args.quantize else None)
     model = load_model(base, dtype=DTYPES[args.dtype], device=device, quantize=quant)
+    preference.load_score_head(model, adapter or base)   # a reward model (train.py --reward-model): its score head
     if adapter is not None:
         load_adapter(model, adapter)
         if not args.quantize:     # fold it in: generation then costs what the base model costs

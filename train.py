@@ -77,7 +77,7 @@ def main(args):
     run.print(describe_data(args, train_examples, val_examples, train_ids, labels, too_long, max_length, run.task))
     if args.show_batch or args.dry_run:           # the first batch as the model sees it; nothing trained or written
         return batch_view.show_first_batch(args, run, tokenizer, train_ids, train_labels, labels, report, max_length)
-    if run.task in preference.TASKS:              # DPO's reference, from the weights before any step
+    if run.task in preference.TASKS:              # DPO's reference, from the weights before any step; a reward head
         preference.prepare(model, run, train_ids + val_ids, args.batch_size, tokenizer.pad_id)
 
     # 4. AdamW and the learning-rate schedule (lr_at, in fit). AdamW: Adam with the weight decay
@@ -213,6 +213,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
     out, task, device = Path(args.out), run.task, run.device
     labels = model.config.labels if task == "classify" else None
     loss_options = loss_settings(args, task, train_labels, labels, device)
+    rows = preference.batch_kind(task)                       # the batches' kind: pairs for DPO and a reward model
     lengths = [len(ids) for ids in train_ids] if args.group_by_length else None
     steps_per_epoch = math.ceil(math.ceil(len(train_ids) // run.world / args.batch_size) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
@@ -244,7 +245,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
             # from a head and optimizer state that know nothing yet, and a rate that starts small and
             # grows keeps them from jolting the pre-trained weights. Then the rate decays to 0.
             lr = lr_at(step, args.lr, args.warmup_steps, total_steps, args.lr_schedule)
-            micro_batches = [make_batch(task, train_ids, train_labels, indices, tokenizer.pad_id, device,
+            micro_batches = [make_batch(rows, train_ids, train_labels, indices, tokenizer.pad_id, device,
                                         model.config.context) for indices in steps[step_in_epoch]]
             summed, count, norm = train_step(train_model, micro_batches, optimizer, lr, task, args.max_grad_norm,
                                              device, run.autocast, **loss_options)
@@ -286,7 +287,7 @@ def fit(args, run, model, train_model, optimizer, tokenizer, progress, data):
 def loss_sum(model, batch, task, class_weights=None, label_smoothing=0.0, **preference_options):
     """The forward pass and the loss, summed over the batch's scored tokens (LM) or examples
     (classification): the logits, then the loss over them (nanotune/losses.py)."""
-    if task in preference.TASKS:                       # pairs of answers: DPO (nanotune/preference.py)
+    if task in preference.TASKS:                       # pairs of answers: DPO, a reward model (nanotune/preference.py)
         return preference.loss_sum(model, batch, task, label_smoothing=label_smoothing, **preference_options)
     if task == "lm" and tricks.enabled("chunked_loss") and tricks.chunks_the_loss(model):
         return tricks.chunked_lm_loss_sum(model, batch)                # the same sum, never all the logits at once
@@ -348,7 +349,8 @@ def validation(args, run, tokenizer, data, labels):
     _, _, val_ids, val_labels = data
     if run.task in preference.TASKS:                  # the held-out pairs' loss and rewards
         return lambda model: preference.evaluate_pairs(model, val_ids, args.batch_size, tokenizer.pad_id, run.device,
-                                                       run.autocast, label_smoothing=args.label_smoothing,
+                                                       run.autocast, task=run.task,
+                                                       label_smoothing=args.label_smoothing,
                                                        **preference.loss_options(args, run.task))
     return lambda model: evaluate(model, run.task, val_ids, val_labels, args.batch_size, tokenizer.pad_id, run.device,
                                   len(labels or ()), run.autocast)
@@ -360,6 +362,7 @@ def save_model(model, tokenizer, out, lora, args, main_process, weights=None):
     if weights is None:
         weights = distributed.full_state_dict(model, args.fsdp)      # FSDP: every rank hands in its shard
     if main_process:
+        weights = preference.save_score_head(model, out, weights, lora)    # a reward model's head: a file of its own
         save_adapter(model, out, lora, args.model, weights) if lora else model.save_pretrained(out, state_dict=weights)
         tokenizer.save(out)
 
@@ -371,8 +374,8 @@ def finish(args, run, model, tokenizer, data, quantization, estimate, progress):
     _, _, val_ids, val_labels = data
     if run.lora and args.merge and run.main_process:   # the best adapter, folded into the weights it trained with
         labels = model.config.labels if run.task == "classify" else None
-        first = make_batch(run.task, val_ids, val_labels, list(range(min(8, len(val_ids)))), tokenizer.pad_id,
-                           run.device) if val_ids else None
+        first = make_batch(preference.batch_kind(run.task), val_ids, val_labels, list(range(min(8, len(val_ids)))),
+                           tokenizer.pad_id, run.device) if val_ids else None
         quantization_error.save_merged(args, run, labels, tokenizer, quantization, first,
                                        validation(args, run, tokenizer, data, labels))
     if log.plot():
@@ -390,7 +393,8 @@ def find_learning_rate(args, run, model, train_model, optimizer, tokenizer, data
     loss_options = loss_settings(args, run.task, train_labels, labels, run.device)
 
     def step(indices, lr):
-        batch = make_batch(run.task, train_ids, train_labels, indices, tokenizer.pad_id, run.device)
+        batch = make_batch(preference.batch_kind(run.task), train_ids, train_labels, indices, tokenizer.pad_id,
+                           run.device)
         summed, count, _ = train_step(train_model, [batch], optimizer, lr, run.task, args.max_grad_norm, run.device,
                                       run.autocast, **loss_options)
         return float(summed) / count if count else None        # None: nothing scored in this batch

@@ -33,10 +33,15 @@ from .errors import NanotuneError
 from .losses import IGNORE, next_token_labels
 
 FIELDS = ("prompt", "chosen", "rejected")
-TASKS = ("dpo",)                       # what train.py calls the tasks that train on pairs
+TASKS = ("dpo", "reward")              # what train.py calls the tasks that train on pairs: DPO, a reward model
 
 
 # ---- reading and rendering the pairs --------------------------------------------------------------
+
+def batch_kind(task):
+    """data.make_batch's name for a task's batches: DPO and a reward model batch pairs alike."""
+    return "dpo" if task in TASKS else task
+
 
 def is_pair_row(row) -> bool:
     """A .jsonl row of preference data: it has a chosen and a rejected answer."""
@@ -47,6 +52,9 @@ def task_of(args, task):
     """"dpo" when the first --data file holds preference pairs (told by its first row's fields), else
     `task`; the flags that make no sense for pairs are refused here."""
     from .data import find_data_file
+    if args.reward_model and args.reward:
+        raise NanotuneError("--reward-model trains a reward model on pairs, --reward learns from reward functions"
+                            " (GRPO): give one of them")
     path = find_data_file(args.data[0])
     first = None
     if path.suffix.lower() == ".jsonl":
@@ -57,6 +65,9 @@ def task_of(args, task):
     except json.JSONDecodeError:
         pairs = False                           # read_examples reports the line
     if not pairs:
+        if args.reward_model:
+            raise NanotuneError(f"--reward-model trains on preference pairs, and {path} holds none (no \"chosen\" and"
+                                " \"rejected\" fields): give a .jsonl of pairs")
         return task
     if task != "lm":
         raise NanotuneError(f"{path} holds preference pairs, which train a language model, and {args.model} is a"
@@ -70,6 +81,12 @@ def task_of(args, task):
     if args.dpo_loss == "ipo" and args.label_smoothing:
         raise NanotuneError("--label-smoothing is conservative DPO's (--dpo-loss sigmoid); IPO has no labels to"
                             " smooth: leave one out")
+    if args.reward_model:
+        for flag, given in (("--beta", args.beta != 0.1), ("--dpo-loss", args.dpo_loss != "sigmoid"),
+                            ("--label-smoothing", args.label_smoothing)):
+            if given:
+                raise NanotuneError(f"{flag} is DPO's, and --reward-model trains a reward model: leave it out")
+        return "reward"
     return "dpo"
 
 
@@ -231,11 +248,14 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 def loss_sum(model, batch, task="dpo", beta=0.1, kind="sigmoid", label_smoothing=0.0):
-    """The summed DPO loss of a batch of pairs (train.py divides by the pairs of the step). The
+    """The summed loss of a batch of pairs (train.py divides by the pairs of the step): DPO's, or
+    for task "reward" the reward model's (reward_loss_sum). The
     chosen and rejected rows go through the model in one forward pass; the reference's
     log-probabilities come with the batch (computed once before training), or, under LoRA, from
     the same model with its adapters off. The batch's scores are left in batch["metrics"] (sums
     over its pairs, TRL's names), for the log."""
+    if task == "reward":
+        return reward_loss_sum(model, batch)
     logps, tokens = answer_logps(model, batch)
     ref = batch.get("ref_logps")
     if ref is None:
@@ -268,6 +288,107 @@ def reward_loss(chosen_scores, rejected_scores, margin=None):
     return -F.logsigmoid(difference)
 
 
+# ---- a reward model: the language model with a one-score head ------------------------------------
+
+def add_score_head(model):
+    """A reward model from a language model: a linear layer from the last hidden state to one
+    number, beside the LM head (transformers' *ForSequenceClassification with num_labels=1 calls it
+    `score` and gives it no bias: a constant added to every score cancels in every difference).
+    Small random weights, as transformers starts it (initializer_range 0.02): scores near 0 at first."""
+    hidden = getattr(model.config, "hidden_size", None) or model.config.n_embd        # Llama's name, GPT-2's
+    weight = next(model.parameters())
+    model.score = nn.Linear(hidden, 1, bias=False, device=weight.device, dtype=weight.dtype)
+    nn.init.normal_(model.score.weight, std=0.02)
+    return model
+
+
+def scores(model, batch):
+    """Each row's score (2B,): the head on the hidden state of the row's last answer token, the one
+    that has read the whole prompt and answer (a causal model's earlier positions have not)."""
+    hidden = model(batch["input_ids"], batch["attention_mask"], output_layer=False)     # (2B, T, C)
+    answer = batch["labels"] != IGNORE                                                   # (2B, T)
+    positions = torch.arange(answer.size(1), device=answer.device)
+    last = (positions * answer).argmax(-1)                                               # (2B,): wherever padding is
+    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+def reward_loss_sum(model, batch):
+    """The reward model's summed loss over a batch of pairs (no reference: the scores are the
+    rewards), and its scores under RewardTrainer's names, summed over the pairs, in batch["metrics"]."""
+    chosen, rejected = scores(model, batch).chunk(2)                                    # the chosen rows come first
+    losses = reward_loss(chosen, rejected, batch["margin"].to(chosen.dtype))
+    chosen, rejected = chosen.detach(), rejected.detach()
+    batch["metrics"] = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).sum(),
+                        "mean_reward": ((chosen + rejected) / 2).sum()}
+    return losses.sum()
+
+
+SCORE_FILE = "score.safetensors"
+
+
+def save_score_head(model, out, weights, lora):
+    """A reward model's head goes to OUT/score.safetensors, beside the model (or adapter) saved as
+    usual, which then loads anywhere a language model does. Returns what to save of the rest:
+    `weights` (or, when None, the model's own tensors) without the head; `weights` unchanged for a
+    model without one."""
+    if not hasattr(model, "score"):
+        return weights
+    from safetensors.torch import save_file
+
+    from .files import atomic_write
+    if weights is None:
+        weights = ({n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if lora
+                   else model.state_dict())
+    weights = dict(weights)
+    head = {"score.weight": weights.pop("score.weight").contiguous()}
+    atomic_write(out / SCORE_FILE, lambda tmp: save_file(head, tmp, metadata={"format": "pt"}))
+    return weights
+
+
+def load_score_head(model, folder):
+    """The saved head of a reward model in `folder`, on the model; False when there is none."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    path = Path(folder) / SCORE_FILE
+    if not path.is_file():
+        return False
+    weight = load_file(str(path))["score.weight"]
+    add_score_head(model)
+    if model.score.weight.shape != weight.shape:
+        raise NanotuneError(f"{path} holds a head for hidden states of {weight.shape[1]}, and the model's are"
+                            f" {model.score.weight.shape[1]}: use the base model it was trained on")
+    with torch.no_grad():
+        model.score.weight.copy_(weight)
+    return True
+
+
+@torch.no_grad()
+def score_answers(model, tokenizer, rows, batch_size=8):
+    """A reward model's score of each {"prompt", "answer"} row, the answer rendered after the prompt
+    exactly as in training (strings as plain text, messages through the model's chat template).
+    Each row goes through read_pairs' checks and rendering as the chosen answer of a pair (its
+    rejected answer a copy, whose score is left unread)."""
+    from .data import batch_order, make_batch
+    rows = [(f"item {i}", {"prompt": r.get("prompt"), "chosen": r.get("answer"), "rejected": r.get("answer")})
+            for i, r in enumerate(rows)]
+    examples = []
+    for where, row in rows:        # read_pairs would refuse equal answers, which is all these pairs have
+        missing = [k for k in ("prompt", "answer") if row[k if k == "prompt" else "chosen"] in (None, "", [])]
+        if missing:
+            raise NanotuneError(f"input {where} has no {' or '.join(map(repr, missing))}: give each a prompt and an"
+                                " answer")
+        examples += read_pairs("input", [(where, row | {"rejected": "\u241e"})])
+        examples[-1]["rejected"] = examples[-1]["chosen"]
+    render_pairs(examples, [], tokenizer, "the model")
+    pairs = tokenize_pairs(examples, tokenizer, model.config.context)[0]
+    device = next(model.parameters()).device
+    result = []
+    for indices in batch_order(len(pairs), batch_size, 0, 0, shuffle=False):
+        result += scores(model, make_batch("dpo", pairs, None, indices, tokenizer.pad_id, device)).chunk(2)[0].tolist()
+    return result
+
+
 # ---- before training, and evaluation -----------------------------------------------------------
 
 def without_dropout(model):
@@ -297,9 +418,14 @@ def add_reference(model, pairs, batch_size, pad_id, device, autocast=nullcontext
 
 
 def prepare(model, run, pairs, batch_size, pad_id):
-    """Before the first step: dropout off, and without LoRA the reference's log-probabilities."""
+    """Before the first step: dropout off, and without LoRA the reference's log-probabilities; a
+    reward model gets its score head (trained whole, under LoRA too: it starts from nothing)."""
     without_dropout(model)
-    if not run.lora:
+    if run.task == "reward":
+        add_score_head(model)
+        run.print("reward model: a score head on the last answer token's hidden state, trained with"
+                  " -log sigmoid(score(chosen) - score(rejected))")
+    elif not run.lora:
         run.print(f"reference: the model's log-probabilities of the {len(pairs)} pairs' answers, computed now with"
                   " its initial weights")
         add_reference(model, pairs, batch_size, pad_id, run.device, run.autocast)
@@ -310,7 +436,8 @@ def prepare(model, run, pairs, batch_size, pad_id):
 @torch.no_grad()
 def evaluate_pairs(model, pairs, batch_size, pad_id, device, autocast=nullcontext, **options):
     """The mean loss and rewards over held-out pairs; rewards/accuracies is the share of pairs whose
-    chosen answer the model now prefers more than the reference did."""
+    chosen answer the model now prefers more than the reference did (a reward model's: accuracy, the
+    share whose chosen answer scores higher)."""
     from .data import batch_order, make_batch
     model.eval()
     totals = {}

@@ -42,7 +42,7 @@ GENERATE_BAD = {
 }
 # Switches take no value; --prompt is checked with the prompt file (empty prompts: test_generate.py).
 TRAIN_SWITCHES = {"-h", "--help", "--new-head", "--pack", "--group-by-length", "--data-report", "--dry-run", "--show-groups", "--lr-find", "--lr-find-check", "--bf16", "--fp32", "--grad-checkpointing", "--fsdp", "--double-quant",
-                  "--no-double-quant", "--merge", "--resume", "--overwrite"}
+                  "--no-double-quant", "--merge", "--resume", "--overwrite", "--reward-model"}
 GENERATE_OTHERS = {"-h", "--help", "--prompt", "--compare", "--json", "--explain", "--show-attention", "--serve", "--chat", "--raw"}
 
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import torch
 
-from .. import tricks
+from .. import preference, tricks
 from ..errors import NanotuneError
 from .checkpoint import saves_in_background
 
@@ -220,9 +220,12 @@ _probes = {}
 
 
 def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpointing=False, labels=2, chunked_loss=True,
-             on_gpu=False, baseline=None, chunk=512, background_saving=False):
+             on_gpu=False, baseline=None, chunk=512, background_saving=False, dropout=True, logits=True,
+             reference_pass=False):
     """{component: bytes}, "total" (the peak: on CPU the process's resident memory, on a GPU the
-    memory torch allocates) and "needed" (what the run still has to find), before it starts."""
+    memory torch allocates) and "needed" (what the run still has to find), before it starts.
+    Preference tuning: `dropout` False (it is off), `logits` False for a reward model (its head reads
+    the hidden states, never the vocabulary), `reference_pass` for DPO's reference under LoRA."""
     is_lm = config["model_type"] != "bert"
     C, nh, L, inner = dims(config)
     V = config["vocab_size"]
@@ -256,19 +259,24 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     held = L * per_block(act["held"])
     kept = {False: L * per_block(act["block"]) + per_block(act["outside"]) + held,
             True: L * 4 * BTC + per_block(act["block"]) + per_block(act["outside"]) + held}
-    masks = {False: L * per_block(act["masks"]), True: per_block(act["masks"])}
+    masks = {False: L * per_block(act["masks"]), True: per_block(act["masks"])} if dropout else {False: 0, True: 0}
     parts["activations kept for backward" + (" (--grad-checkpointing)" if checkpointing else "")] = kept[checkpointing]
-    parts["dropout masks"] = masks[checkpointing]
+    if dropout:
+        parts["dropout masks"] = masks[checkpointing]
     rows = batch * seq
-    if is_lm and chunked_loss:
+    if is_lm and logits and chunked_loss:
         # a chunk's logits in fp32, their softmax and gradient made in place; in bf16 also one bf16
         # copy beside them (the product's own result, then the gradient's cast)
         logits = min(chunk, rows) * V * (6 if bf16 else 4)
         parts[f"output layer: logits, {min(chunk, rows)} positions at a time"] = logits
         if bf16:
             parts["output layer: its weight in bf16, for the step"] = 2 * V * C
-    elif is_lm:
+    elif is_lm and logits:
         parts["output layer: the full logits, their softmax and gradient"] = rows * V * 4 * 3
+    if reference_pass and logits:
+        # the same model with its adapters off, without gradients, after the pass that trains: its
+        # activations are freed layer by layer, but its logits and their log-softmax (fp32) are whole
+        parts["the reference's pass (adapters off): its logits and their log-softmax"] = rows * V * 4 * 2
     # the largest single temporary besides: a layer's MLP product or the attention scores, and its gradient
     parts["the largest temporary"] = 2 * 4 * max(rows * inner, attention)
     if not on_gpu:
@@ -347,13 +355,16 @@ def check(args, run, config, report, num_labels):
     seq = lengths["max_length"] if run.task == "lm" and args.pack else min(lengths["max"], lengths["max_length"])
     if tricks.enabled("few_shapes"):                # data.make_batch pads each batch on to a multiple of 8
         seq = tricks.padded_width(seq, lengths["max_length"])
-    # preference pairs: two rows a pair (chosen and rejected), and the full logits for their
-    # log-probabilities; the reference's pass keeps nothing for backward, and fits in what the pass frees
-    pairs = run.task == "dpo"
+    # preference pairs: two rows a pair (chosen and rejected), dropout off (preference.without_dropout);
+    # DPO takes the full logits for the answers' log-probabilities, and under LoRA a reference pass at
+    # each step (without LoRA the reference's log-probabilities are computed before training, in less);
+    # a reward model's head reads the last hidden state, with no logits at all
+    pairs = run.task in preference.TASKS
     settings = dict(batch=args.batch_size * (2 if pairs else 1), seq=seq, bf16=args.bf16, quant=run.quant,
                     lora=run.lora,
                     checkpointing=args.grad_checkpointing, labels=num_labels,
                     chunked_loss=tricks.enabled("chunked_loss") and not pairs, on_gpu=run.device.type == "cuda",
+                    dropout=not pairs, logits=run.task != "reward", reference_pass=run.task == "dpo" and bool(run.lora),
                     background_saving=tricks.enabled("background_saving")
                     and saves_in_background(run, min(args.epochs, args.stop_after_epochs or args.epochs)))
     parts = estimate(config, **settings)

@@ -118,6 +118,9 @@ def parser():
                    help="DPO: how far from the reference the model may move (smaller: further)")
     g.add_argument("--dpo-loss", choices=["sigmoid", "ipo"], default="sigmoid",
                    help="sigmoid: DPO's -log sigmoid(beta * margin); ipo: (margin - 1/(2 beta))^2 on mean log-probs")
+    g.add_argument("--reward-model", action="store_true",
+                   help="train a reward model instead: a one-score head, -log sigmoid(score(chosen) - score(rejected)"
+                        " - margin)")
     g = p.add_argument_group("LoRA and quantization (QLoRA)")
     g.add_argument("--quantize", choices=["8bit", "4bit"],
                    help="load the linear layers in 8 or 4 bits (bitsandbytes); trains LoRA adapters")

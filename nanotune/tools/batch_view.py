@@ -1,5 +1,6 @@
 """The batch as the model sees it (`train.py --show-batch`): every position's token, its id, the
 attention mask and what the loss scores there, and in plain words what is easy to get wrong."""
+from .. import preference
 from ..data import batch_order, make_batch
 from ..losses import IGNORE, next_token_labels
 from ..run.cli import use_colour
@@ -88,9 +89,9 @@ def show_first_batch(args, run, tokenizer, sequences, labels, label_names, repor
     to watch for. Prints; returns train.py's exit status."""
     lengths = [len(ids) for ids in sequences] if args.group_by_length else None
     first = batch_order(len(sequences), args.batch_size, args.seed, 0, lengths=lengths)[0]
-    batch = make_batch(run.task, sequences, labels, first, tokenizer.pad_id, "cpu")
+    batch = make_batch(preference.batch_kind(run.task), sequences, labels, first, tokenizer.pad_id, "cpu")
     longer, beyond = report["lengths"]["longer"], report["lengths"]["tokens_beyond"]
-    if run.task == "dpo":                   # preference pairs: language-model rows, two a pair
+    if run.task in preference.TASKS:        # preference pairs: language-model rows, two a pair
         notes = [f"preference pairs: rows 1-{len(first)} are the prompts with their chosen answers, rows"
                  f" {len(first) + 1}-{2 * len(first)} the same prompts with the rejected ones; only the answers are"
                  " scored (their summed log-probability is what DPO compares)"]

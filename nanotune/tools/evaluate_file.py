@@ -10,7 +10,7 @@ from ..data import batch_order, make_batch, read_examples, truncate
 from ..errors import NanotuneError
 from ..losses import IGNORE
 from ..models import load_model
-from ..preference import answer_logps, render_pairs, tokenize_pairs
+from ..preference import answer_logps, render_pairs, scores, tokenize_pairs
 from ..evaluate import (classification_report, classify_all, evaluate, format_classification, lm_perplexity,
                         plot_confusion, top_losses)
 
@@ -66,12 +66,20 @@ def conversations(args, model, tokenizer, examples):
 @torch.no_grad()
 def preference_pairs(args, model, tokenizer, examples, base):
     """Pairwise accuracy on preference pairs: the share whose chosen answer the model gives a higher
-    log-probability than the rejected one. For an adapter, also DPO's reward accuracy: the share whose
-    chosen answer gained more log-probability than the rejected one since the base model, which is
-    what DPO trains (a pair both models rank right can still have lost ground)."""
+    log-probability than the rejected one (a reward model: a higher score). For an adapter, also
+    DPO's reward accuracy: the share whose chosen answer gained more log-probability than the
+    rejected one since the base model, which is what DPO trains (a pair both models rank right can
+    still have lost ground)."""
     render_pairs(examples, [], tokenizer, args.model, args.chat_template)
     pairs = tokenize_pairs(examples, tokenizer, model.config.context)[0]
     device = next(model.parameters()).device
+    if hasattr(model, "score"):                          # a reward model: its scores rank the answers
+        wins = 0
+        for indices in batch_order(len(pairs), 8, 0, 0, shuffle=False):
+            chosen, rejected = scores(model, make_batch("dpo", pairs, None, indices, tokenizer.pad_id, device)).chunk(2)
+            wins += int((chosen > rejected).sum())
+        r = {"pairs": len(pairs), "accuracy": wins / len(pairs)}
+        return r, f"{len(pairs)} pairs: the reward model scores the chosen answer higher in {r['accuracy']:.1%}"
     reference = load_model(base, device=device).eval() if args.adapter or base != args.model else None
     wins, gains = 0, 0
     for indices in batch_order(len(pairs), 8, 0, 0, shuffle=False):

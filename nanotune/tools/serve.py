@@ -5,6 +5,8 @@
     POST /v1/chat/completions   a chat model: messages, through the model's chat template; the same settings
     POST /v1/classify           a classifier: {"input": "text" or ["text", ...]} -> {"data": [{"index": 0,
                                 "label": "positive", "probabilities": {...}}, ...], "usage": {...}}
+    POST /v1/score              a reward model (train.py --reward-model): {"input": {"prompt": ..., "answer": ...}
+                                or a list of them} -> {"data": [{"index": 0, "score": 1.25}, ...]}
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok"} while the server takes requests
 
@@ -24,6 +26,7 @@ import time
 
 import torch
 
+from .. import preference
 from ..errors import NanotuneError
 from ..run.memory import free_memory
 from . import openai_api as api
@@ -228,6 +231,24 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
         with torch.inference_mode():
             return model(ids, mask).float().softmax(-1), int(mask.sum())
 
+    async def score(request):
+        """A reward model's scores: {"input": {"prompt", "answer"} or a list of them} -> one score each."""
+        if not hasattr(model, "score"):
+            raise api.RequestError(400, "this model is not a reward model (train.py --reward-model): use POST"
+                                        f" {'/v1/completions' if is_lm else '/v1/classify'}")
+        rows = (await read_json(request)).get("input")
+        rows = [rows] if isinstance(rows, dict) else rows
+        if not isinstance(rows, list) or not 1 <= len(rows) <= 256 or not all(isinstance(r, dict) for r in rows):
+            raise api.RequestError(400, "'input' must be a {\"prompt\", \"answer\"} object or a list of 1 to 256 of"
+                                        " them", param="input")
+        async with classifying:                         # in a worker thread, one request at a time
+            try:
+                values = await asyncio.to_thread(preference.score_answers, model, tokenizer, rows, max_batch)
+            except NanotuneError as e:
+                raise api.RequestError(400, str(e), param="input") from None
+        return JSONResponse({"object": "list", "model": model_id,
+                             "data": [{"index": i, "score": v} for i, v in enumerate(values)]})
+
     async def not_found(request, exc):
         return error(api.RequestError(404, f"no route {request.method} {request.url.path}: this server has GET"
                                            " /v1/models and /health, POST /v1/completions, /v1/chat/completions and"
@@ -237,7 +258,8 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
               Route("/v1/models/{name:path}", route(one_model)),
               Route("/v1/completions", route(completions), methods=["POST"]),
               Route("/v1/chat/completions", route(lambda r: completions(r, chat=True)), methods=["POST"]),
-              Route("/v1/classify", route(classify), methods=["POST"])]
+              Route("/v1/classify", route(classify), methods=["POST"]),
+              Route("/v1/score", route(score), methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}), engine
 
 

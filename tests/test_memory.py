@@ -78,3 +78,30 @@ def test_a_run_that_would_not_fit_is_refused_with_settings_that_would(monkeypatc
         memory.check(args, run, config, report, 0)
     suggested = int(str(e.value).rsplit("about ", 1)[1].split(" MiB")[0].replace(",", ""))
     assert suggested * memory.MiB - memory.rss_now() <= 0.6 * needed
+
+
+def long_pairs(path, n=16):
+    """Plain-text preference pairs long enough that activations, not the libraries, decide the peak."""
+    from conftest import ROOT
+    words = (ROOT / "data/anecdotes_jokes.txt").read_text().split() * 4
+    rows = [{"prompt": " ".join(words[i * 300:i * 300 + 60]),
+             "chosen": " " + " ".join(words[i * 300 + 60:i * 300 + 180]),
+             "rejected": " " + " ".join(words[i * 300 + 180:i * 300 + 300])} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("flags", [["--lora-r", "8"], ["--reward-model"]], ids=["dpo-lora", "reward-model"])
+def test_the_estimate_knows_preference_pairs(small_gpt2, tmp_path, flags):
+    data = long_pairs(tmp_path / "pairs.jsonl")
+    r = run_cli("train.py", "--model", small_gpt2, "--data", data, "--max-length", 512, "--batch-size", 4, "--fp32",
+                "--epochs", 1, "--val-split", 0, "--out", tmp_path / "out", *flags)
+    assert r.returncode == 0, r.stderr
+    # two rows a pair (the chosen and the rejected answer), and no dropout (preference tuning turns it off)
+    assert "(batches of 8 x " in r.stdout and "dropout masks" not in r.stdout
+    reward_model = "--reward-model" in flags
+    assert ("output layer" in r.stdout) != reward_model                  # a reward model's head reads no logits
+    assert ("the reference's pass" in r.stdout) != reward_model          # DPO under LoRA: the adapters-off pass
+    events = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    m = next(e for e in events if e["event"] == "memory")
+    assert abs(m["error"]) <= 0.25, m

@@ -227,6 +227,9 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     Preference tuning: `dropout` False (it is off), `logits` False for a reward model (its head reads
     the hidden states, never the vocabulary), `reference_pass` for DPO's reference under LoRA."""
     is_lm = config["model_type"] != "bert"
+    if not dropout:          # the probe then measures the model as it trains: no masks, no dropped copies kept
+        config = config | {k: 0.0 for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout")
+                           if k in config}
     C, nh, L, inner = dims(config)
     V = config["vocab_size"]
     counts = parameter_counts(config, labels)
@@ -259,7 +262,7 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     held = L * per_block(act["held"])
     kept = {False: L * per_block(act["block"]) + per_block(act["outside"]) + held,
             True: L * 4 * BTC + per_block(act["block"]) + per_block(act["outside"]) + held}
-    masks = {False: L * per_block(act["masks"]), True: per_block(act["masks"])} if dropout else {False: 0, True: 0}
+    masks = {False: L * per_block(act["masks"]), True: per_block(act["masks"])}
     parts["activations kept for backward" + (" (--grad-checkpointing)" if checkpointing else "")] = kept[checkpointing]
     if dropout:
         parts["dropout masks"] = masks[checkpointing]

@@ -86,6 +86,9 @@ def task_of(args, task):
                             ("--label-smoothing", args.label_smoothing)):
             if given:
                 raise NanotuneError(f"{flag} is DPO's, and --reward-model trains a reward model: leave it out")
+        if args.merge:
+            raise NanotuneError("--merge writes a language model, and a reward model's head is saved beside its"
+                                " adapter (score.safetensors): leave --merge out, generate.py loads the adapter")
         return "reward"
     return "dpo"
 

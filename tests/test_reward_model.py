@@ -121,7 +121,8 @@ def test_a_language_model_has_no_v1_score(tiny_gpt2):
     (["--beta", "0.5"], "joke_pairs.jsonl", "--beta is DPO's"),
     (["--dpo-loss", "ipo"], "joke_pairs.jsonl", "--dpo-loss is DPO's"),
     ([], "joke_chats.jsonl", "--reward-model trains on preference pairs"),
-    (["--reward", "r.py:f"], "joke_pairs.jsonl", "give one of them")])
+    (["--reward", "r.py:f"], "joke_pairs.jsonl", "give one of them"),
+    (["--lora-r", "8", "--merge"], "joke_pairs.jsonl", "leave --merge out")])
 def test_flags_that_do_not_fit_a_reward_model_are_refused(flags, data, message):
     from conftest import ROOT
     args = parser().parse_args(["--data", str(ROOT / "data" / data), "--reward-model", *flags])

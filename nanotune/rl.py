@@ -76,8 +76,7 @@ def policy_loss(logps, old_logps, advantages, mask, loss_type="dapo", epsilon=0.
 
 
 def rollout(model, prompts, group_size, max_new_tokens, pad_id, stops, temperature, generator):
-    """G sampled answers to each prompt (token ids), each with the token that ended it, if one did:
-    the model learns when to stop as much as what to say."""
+    """G sampled answers to each prompt, each with its stop token if it stopped: stopping is learned too."""
     sequences = [ids for ids in prompts for _ in range(group_size)]
     picked = []                                                   # the tokens drawn at each step, (B,) each
     new = generate(model, sequences, max_new_tokens, pad_id, stops, temperature, generator=generator,
@@ -130,12 +129,6 @@ def learn(model, reference, optimizer, lr, prompts, answers, advantages, args):
     return loss.item(), clipped[real].float().mean().item(), kl, norm.item()
 
 
-def save_model(model, tokenizer, out, lora, args):
-    """The model in the Hub layout (or the LoRA adapter in PEFT's), and its tokenizer."""
-    save_adapter(model, out, lora, args.model) if lora else model.save_pretrained(out)
-    tokenizer.save(out)
-
-
 def train(args, run):
     """`python train.py --reward FILE.py:function`: the six steps above, epoch by epoch over the prompts."""
     task = read_task(args, run)          # prompts, reward functions, tokenizer, room: checked before the model loads
@@ -154,11 +147,13 @@ def train(args, run):
     run.print(f"reward before training (greedy, {task.held_out}): {before:.3f}")
     rows, tokenizer, stops, G = task.rows, task.tokenizer, task.stops, args.group_size
     stop, step, total = StopSignals(), progress["step"], math.ceil(len(rows) / args.batch_size) * args.epochs
-    saver = Saver(out, model, optimizer, lambda weights: save_model(model, tokenizer, out, run.lora, args))
+    def write_model(weights):             # the model in the Hub layout (or the LoRA adapter in PEFT's), its tokenizer
+        save_adapter(model, out, run.lora, args.model) if run.lora else model.save_pretrained(out)
+        tokenizer.save(out)
+    saver = Saver(out, model, optimizer, write_model)
     for epoch in range(progress["epoch"], args.epochs):
         batches = batch_order(len(rows), args.batch_size, args.seed, epoch)        # the same after a resume
-        first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
-        for step_in_epoch in range(first, len(batches)):
+        for step_in_epoch in range(progress["step_in_epoch"] if epoch == progress["epoch"] else 0, len(batches)):
             lr = lr_at(step, args.lr, args.warmup_steps, total, args.lr_schedule)
             batch_rows, batch_prompts = zip(*[(rows[i], task.prompts[i]) for i in batches[step_in_epoch]])
             # 1. Generate. Step s samples with seed --seed + s: a resumed run draws what this one would have.

@@ -78,3 +78,17 @@ def test_the_command_prints_one_line_and_no_usage():
     r = run_cli("train.py", "--data", "anecdotes_jokes.txt", "--batch-size", "-1")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == "error: argument --batch-size: -1 is out of range: give a whole number >= 1 (see --help)\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--reward", "r.py:score", "--search", "lr=1e-4,1e-3"], "--search does not apply to learning from rewards"),
+    (["--reward", "r.py:score", "--pack"], "--pack does not apply to learning from rewards"),
+    (["--reward", "r.py:score", "--recipe", "ch1"], "--recipe does not apply to learning from rewards"),
+    (["--group-size", "4"], "--group-size applies to learning from rewards only: add --reward"),
+    (["--temperature", "0.7"], "--temperature applies to learning from rewards only"),
+])
+def test_a_flag_the_kind_of_training_does_not_read_is_refused(extra, message):
+    """--reward runs its own loop (nanotune/rl.py): a flag that one kind of training would silently
+    ignore stops the command with one line naming it, before anything is read or written."""
+    r = run_cli("train.py", "--data", "prompts.jsonl", *extra)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr

@@ -70,6 +70,33 @@ def test_policy_loss_is_the_published_formula(loss_type, epsilon, beta):
         assert float(got) == pytest.approx(published_loss(loss_type, epsilon, beta, 16), abs=1e-6)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("epsilon", [0.2, 10.0])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_policy_loss_is_trls_on_the_same_numbers(loss_type, epsilon, beta):
+    """TRL's GRPOTrainer._compute_loss itself, run on these numbers: its model pass replaced by the
+    log-probs above, one process, no accumulation (TRL's dapo divides by the batch's answer tokens)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)
+    one_process = SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x)
+    trl = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (t(LOGPS), torch.zeros(3, 4), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon, use_vllm=False, max_completion_length=4,
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False), model=SimpleNamespace(training=False),
+        aux_loss_enabled=False, _entropy_bonus_enabled=False, accelerator=one_process,
+        _metrics=defaultdict(lambda: defaultdict(list)))
+    mask = torch.tensor(MASK)
+    inputs = dict(prompt_ids=torch.zeros(3, 2, dtype=torch.long), prompt_mask=torch.ones(3, 2, dtype=torch.long),
+                  completion_ids=torch.zeros(3, 4, dtype=torch.long), completion_mask=mask, advantages=t(ADV),
+                  old_per_token_logps=t(OLD), ref_per_token_logps=t(REF), num_items_in_batch=mask.sum())
+    expected = grpo_trainer.GRPOTrainer._compute_loss(trl, None, inputs)
+    got = rl.policy_loss(t(LOGPS), t(OLD), t(ADV), mask, loss_type, epsilon, t(REF), beta, max_length=4)
+    assert float(got) == pytest.approx(float(expected), abs=1e-6)
+
+
 def test_the_clip_changes_the_loss_on_these_numbers():
     """So that the test above, with and without the clip, tests two different things."""
     assert published_loss("dapo", 0.2, 0.0) != pytest.approx(published_loss("dapo", 10.0, 0.0), abs=1e-3)

@@ -196,6 +196,7 @@ def parser():
 
 def parse_args(argv=None):
     args = parser().parse_args(argv)
+    check_reward_flags(args)                         # before a recipe fills in flags of supervised training
     if args.recipe:
         fill_in_recipe(args, argv)
     return args
@@ -224,6 +225,29 @@ def fill_in_recipe(args, argv=None, say=print):
 
 
 # ---- checks that need more than one flag ---------------------------------------------------------
+
+# Learning from rewards (--reward) runs its own loop, nanotune/rl.py, which reads some flags and not
+# others; a flag that one kind of training would silently ignore is refused instead.
+REWARD_ONLY = ("--reward-weights", "--group-size", "--scale-rewards", "--loss-type", "--epsilon",
+               "--updates-per-batch", "--kl-beta", "--max-new-tokens", "--temperature")
+NOT_WITH_REWARDS = ("--search", "--trials", "--recipe", "--data-weights", "--text-column", "--label-column",
+                    "--max-length", "--pack", "--group-by-length", "--stride", "--truncate", "--train-on",
+                    "--add-tokens", "--pad-vocab-to-multiple-of", "--grad-accum", "--lr-decay", "--unfreeze",
+                    "--grad-checkpointing", "--freeze", "--class-weights", "--label-smoothing", "--patience",
+                    "--fsdp", "--new-head", "--beta", "--dpo-loss", "--merge", "--data-report", "--show-batch",
+                    "--dry-run", "--show-groups", "--lr-find", "--lr-find-check")
+
+
+def check_reward_flags(args):
+    """A flag given (not at its default) that the chosen kind of training does not read: one line naming it."""
+    defaults, dest = parser(), lambda flag: flag[2:].replace("-", "_")
+    given = [f for f in (NOT_WITH_REWARDS if args.reward else REWARD_ONLY)
+             if getattr(args, dest(f)) != defaults.get_default(dest(f))]
+    if given and args.reward:
+        raise NanotuneError(f"{given[0]} does not apply to learning from rewards (--reward): leave it out")
+    if given:
+        raise NanotuneError(f"{given[0]} applies to learning from rewards only: add --reward FILE.py:FUNCTION,"
+                            " or leave it out")
 
 def check_settings(args, task):
     """Combinations that cannot work, refused before anything big is loaded."""

@@ -247,15 +247,15 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    config_class, model_types, architectures = LlamaConfig, MODEL_TYPES, ARCHITECTURES    # gemma3.py's differ
+    architectures, block_class, norm_class = ARCHITECTURES, Block, RMSNorm      # gemma3.Gemma3 has its own
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            layers=nn.ModuleList(self.block_class(config) for _ in range(config.num_hidden_layers)),
+            norm=self.norm_class(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
@@ -320,12 +320,15 @@ class Llama(nn.Module):
         return key
 
     @classmethod
+    def read_config(cls, folder):
+        return hub.config_from_dict(LlamaConfig, hub.read_config(folder, MODEL_TYPES), folder / "config.json")
+
+    @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):
         """A Hub id or folder (or a GGUF file); `quantize` (a QuantConfig) swaps linear layers for
         8/4-bit ones as they load."""
         folder = hub.resolve(name_or_path)
-        config = hub.read_config(folder, cls.model_types)
-        config = hub.config_from_dict(cls.config_class, config, folder / "config.json")
+        config = cls.read_config(folder)
         with torch.device("meta"):      # no memory for weights yet: the checkpoint fills them
             model = cls(config)
         model.inv_freq = inverse_frequencies(config).to(device)

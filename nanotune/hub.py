@@ -72,8 +72,8 @@ def read_config(folder: Path, model_types: tuple) -> dict:
         raise NanotuneError(f"{path} holds a JSON {type(config).__name__}, not an object: restore or re-download it")
     if config.get("model_type") not in model_types:
         raise NanotuneError(f"{path} describes a {config.get('model_type')!r} model; this loader reads"
-                            f" {', '.join(model_types)} (nanotune implements GPT-2 and the Llama family for text"
-                            " generation, BERT for classification)")
+                            f" {', '.join(model_types)} (nanotune implements GPT-2, the Llama family and Gemma 3"
+                            " for text generation, BERT for classification)")
     return config
 
 

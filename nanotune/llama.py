@@ -11,6 +11,10 @@ Read gpt2.py first: this is the same causal decoder, and only these changed sinc
   key/value head shared by a group of query heads, so the key/value cache is that much smaller.
 - No biases (except Qwen2's query, key and value projections); the output layer tied to the token
   embedding or not, as config.json says.
+- Qwen3 is Qwen2 less its biases, plus an RMSNorm over each head's query and each head's key before
+  RoPE (`q_norm`, `k_norm`): the scores' scale stays in hand however large the projections grow.
+  Its head size is set on its own (`head_dim`, 128 in all sizes), not hidden_size / heads.
+Gemma 3 changes more, and lives beside this file as a diff from it (gemma3.py).
 
 Module names equal the Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...),
 so loading is a straight copy. Shapes: B batch, T time, C channels (hidden_size), nh query heads,
@@ -27,8 +31,9 @@ from torch.utils.checkpoint import checkpoint
 from . import gpt2, hub, tricks
 from .errors import NanotuneError
 
-MODEL_TYPES = ("llama", "qwen2", "mistral")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -71,6 +76,9 @@ class LlamaConfig:
         if self.hidden_act != "silu":
             raise NanotuneError(f"hidden_act {self.hidden_act!r} in config.json is not supported; Llama-family"
                                 " models use silu")
+        if self.model_type == "qwen3" and self.use_sliding_window:
+            raise NanotuneError("a Qwen3 config.json with use_sliding_window true is not supported (no released"
+                                " Qwen3 uses it): set it to false")
         rope = self.rope()
         if rope.get("rope_type", "default") not in ROPE_TYPES:
             raise NanotuneError(f"RoPE scaling of type {rope.get('rope_type')!r} is not implemented (nanotune"
@@ -88,6 +96,10 @@ class LlamaConfig:
     @property
     def qkv_bias(self):
         return self.attention_bias or self.model_type == "qwen2"       # Qwen2: q, k, v biases always
+
+    @property
+    def qk_norm(self):
+        return self.model_type == "qwen3"                              # Qwen3: each head's q and k normalised
 
     @property
     def window(self):
@@ -119,11 +131,12 @@ class RMSNorm(nn.Module):
 
 # ---- rotary position embeddings (RoPE) ----------------------------------------------------------
 
-def inverse_frequencies(cfg: LlamaConfig):
+def inverse_frequencies(cfg: LlamaConfig, rope=None):
     """(hs / 2,): the angle, per position, by which each pair of a head's channels turns: fast for
     the first pairs, slow for the last (base ** -(2i / hs)). Llama 3 slows the slowest ones further,
-    so that its longer context still sees angles like those of its training."""
-    rope, hs = cfg.rope(), cfg.head_dim
+    so that its longer context still sees angles like those of its training. `rope`: settings other
+    than the config's own (Gemma 3's local layers)."""
+    rope, hs = rope or cfg.rope(), cfg.head_dim
     inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, hs, 2, dtype=torch.int64, device="cpu").float() / hs))
     if rope["rope_type"] == "linear":
         return inv_freq / rope["factor"]
@@ -186,6 +199,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=cfg.attention_bias)
+        # Qwen3: an RMSNorm over each head's hs channels, its gain shared by the heads
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.dropout_p = cfg.attention_dropout
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
@@ -193,6 +209,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)    # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, nkv, T, hs)
+        if self.q_norm is not None:                                                   # Qwen3: before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)                                     # over hs, head by head
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                       # positions, as angles
         if cache is not None:
             k, v = cache.update(layer, k, v)                                          # (B, nkv, past + T, hs)
@@ -229,13 +247,15 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    architectures, block_class, norm_class = ARCHITECTURES, Block, RMSNorm      # gemma3.Gemma3 has its own
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            layers=nn.ModuleList(self.block_class(config) for _ in range(config.num_hidden_layers)),
+            norm=self.norm_class(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
@@ -300,11 +320,15 @@ class Llama(nn.Module):
         return key
 
     @classmethod
+    def read_config(cls, folder):
+        return hub.config_from_dict(LlamaConfig, hub.read_config(folder, MODEL_TYPES), folder / "config.json")
+
+    @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu", quantize=None):
         """A Hub id or folder (or a GGUF file); `quantize` (a QuantConfig) swaps linear layers for
         8/4-bit ones as they load."""
         folder = hub.resolve(name_or_path)
-        config = hub.config_from_dict(LlamaConfig, hub.read_config(folder, MODEL_TYPES), folder / "config.json")
+        config = cls.read_config(folder)
         with torch.device("meta"):      # no memory for weights yet: the checkpoint fills them
             model = cls(config)
         model.inv_freq = inverse_frequencies(config).to(device)
@@ -319,6 +343,6 @@ class Llama(nn.Module):
         tied = self.config.tie_word_embeddings
         tensors = {name: t for name, t in state.items() if not (tied and name == "lm_head.weight")}
         dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
-        config = hub.config_to_dict(self.config) | {"architectures": [ARCHITECTURES[self.config.model_type]],
+        config = hub.config_to_dict(self.config) | {"architectures": [self.architectures[self.config.model_type]],
                                                     "dtype": dtype}
         hub.save_model(folder, config, tensors)

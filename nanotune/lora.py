@@ -24,7 +24,8 @@ from .quantize import dequantized_weight
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"), "bert": ("query", "key", "value", "dense"),
-                   "llama": LLAMA_TARGETS, "qwen2": LLAMA_TARGETS, "mistral": LLAMA_TARGETS}
+                   "llama": LLAMA_TARGETS, "qwen2": LLAMA_TARGETS, "mistral": LLAMA_TARGETS, "qwen3": LLAMA_TARGETS,
+                   "gemma3_text": LLAMA_TARGETS, "gemma3": LLAMA_TARGETS}
 HEADS = ("classifier",)          # trained in full alongside the adapter (PEFT's modules_to_save)
 PEFT_PREFIX = "base_model.model."
 TOKENS = ".token_adapter.trainable_tokens_delta"     # PEFT's key for trained embedding rows

@@ -138,6 +138,10 @@ def load_tokenizer(name_or_path) -> Tokenizer:
             settings = folder / "tokenizer_config.json"
             config = json.loads(settings.read_text()) if settings.is_file() else {}
             tk = _wordpiece(folder, lowercase=config.get("do_lower_case", True))
+        elif (folder / "tokenizer.model").is_file():      # SentencePiece's own file (older Gemma, Llama 2 repos)
+            raise NanotuneError(f"{folder} has a SentencePiece tokenizer.model and no tokenizer.json; nanotune reads"
+                                " tokenizer.json: write one with transformers (AutoTokenizer.from_pretrained(folder)"
+                                ".save_pretrained(folder)) or download the repo's tokenizer.json")
         else:
             raise NanotuneError(f"no tokenizer in {folder}: expected tokenizer.json, vocab.json + merges.txt,"
                                 " or vocab.txt")

@@ -297,3 +297,63 @@ def test_export_gguf_with_a_read_only_cache_writes_and_checks_the_file(tmp_path,
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (back(ids) - Llama.from_pretrained(tiny_llama)(ids)).abs().max() <= 1e-4
+
+
+# ---- Qwen3 in and out; Gemma 3 refused ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory, bpe_dir):
+    from test_qwen3_gemma3 import make_qwen3
+    return make_qwen3(tmp_path_factory.mktemp("qwen3"), bpe_dir)
+
+
+def test_a_qwen3_gguf_has_llama_cpps_names_and_reads_back_equal(tmp_path, tiny_qwen3):
+    model, tok = Llama.from_pretrained(tiny_qwen3), load_tokenizer(tiny_qwen3)
+    gguf_file.write(model, tok, tmp_path / "q3.gguf", "f32")
+    meta = metadata(tmp_path / "q3.gguf")
+    assert meta["general.architecture"] == "qwen3" and meta["qwen3.attention.key_length"] == 24     # not 64 / 4
+    import gguf
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "q3.gguf")).tensors}
+    assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight", "output.weight"} <= names
+    back = Llama.from_pretrained(tmp_path / "q3.gguf")
+    assert back.config.model_type == "qwen3" and back.config.head_dim == 24
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - back(ids)).abs().max() <= 1e-5
+
+
+def test_qwen3s_pre_tokenizer_is_named_qwen2(tmp_path, tiny_qwen3):
+    """llama.cpp's converter writes 'qwen2' for Qwen3's word-splitting rule (the same regex as Qwen2's)."""
+    tok = load_tokenizer(tiny_qwen3)
+    spec = json.loads(tok.tokenizer.to_str())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": gguf_file.SPLITS["qwen2"]}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    shutil.copytree(tiny_qwen3, tmp_path / "m")
+    (tmp_path / "m/tokenizer.json").write_text(json.dumps(spec))
+    gguf_file.write(Llama.from_pretrained(tmp_path / "m"), load_tokenizer(tmp_path / "m"), tmp_path / "q3.gguf", "f32")
+    assert metadata(tmp_path / "q3.gguf")["tokenizer.ggml.pre"] == "qwen2"
+
+
+@needs_llama_cpp
+def test_llama_cpp_continues_a_tiny_qwen3_as_nanotune_does(tmp_path, tiny_qwen3):
+    import llama_cpp
+    from nanotune.generation import generate
+    r = run_cli("generate.py", "--model", tiny_qwen3, "--export-gguf", tmp_path / "q3.gguf", "--gguf-type", "f32")
+    assert r.returncode == 0, r.stderr + r.stdout
+    said = r.stdout.split("llama.cpp loads it;")
+    assert len(said) == 2 and "are the same" in said[1], r.stdout
+    model, tok = Llama.from_pretrained(tiny_qwen3), load_tokenizer(tiny_qwen3)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "q3.gguf"), n_ctx=64, verbose=False)
+    ids = tok.encode("My grandmother told me, 3 times: \"don't\".")
+    theirs = [t for t, _ in zip(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0), range(24))]
+    llm.close()
+    assert theirs == generate(model, [ids], 24, tok.pad_id, None, temperature=0)[0]
+
+
+def test_a_gemma3_gguf_export_is_refused_in_one_line(tmp_path, bpe_dir):
+    from test_qwen3_gemma3 import make_gemma3
+    folder = make_gemma3(tmp_path / "g3", bpe_dir)
+    r = run_cli("generate.py", "--model", folder, "--export-gguf", tmp_path / "g3.gguf")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Gemma 3" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "g3.gguf").exists()

@@ -22,6 +22,7 @@ TRAIN_BAD = {
     "--search": [""], "--trials": ["0", "1001"],
     "--lr-decay": ["0", "1.5", "nan"], "--unfreeze": ["sudden"], "--show-batch": ["0", "x"],
     "--chat-template": [""], "--train-on": ["questions"], "--recipe": ["ch3", ""],
+    "--tools": [""], "--enable-thinking": ["yes", ""],
     "--reward": [""], "--reward-weights": ["nan", "x"], "--group-size": ["1", "0"], "--scale-rewards": ["std"],
     "--loss-type": ["ppo"], "--epsilon": ["0", "1", "nan"], "--updates-per-batch": ["0"], "--kl-beta": ["-1", "nan"],
     "--max-new-tokens": ["0"], "--temperature": ["0", "-1", "inf"],

@@ -219,14 +219,15 @@ class ChatTemplate:
         ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
         self.specials = {name: tokenizer.tokenizer.id_to_token(i) for name, i in ids.items() if i is not None}
 
-    def render(self, messages, add_generation_prompt=False, tools=None) -> str:
+    def render(self, messages, add_generation_prompt=False, tools=None, options=None) -> str:
         """The conversation as text, or one line saying how the template failed: it refused the
         conversation (raise_exception), went past a limit (TIME_LIMIT, OUTPUT_LIMIT, Jinja's
         MAX_RANGE), or failed as a program (a recursion without end, a division by zero, ...)."""
         import jinja2
         try:
             return render_within_time(self.template, messages=messages, add_generation_prompt=add_generation_prompt,
-                                      tools=tools or None, documents=None, **self.specials | self.options)
+                                      tools=tools or None, documents=None,
+                                      **self.specials | self.options | (options or {}))
         except jinja2.TemplateError as e:
             raise NanotuneError(f"{self.name} refused a conversation ({e}): check its roles and order") from None
         except TemplateLimit as e:
@@ -239,10 +240,12 @@ class ChatTemplate:
             raise NanotuneError(f"{self.name} failed ({type(e).__name__}: {e}): fix it, or give another with"
                                 " --chat-template") from None
 
-    def encode(self, messages, add_generation_prompt=False, tools=None) -> list:
+    def encode(self, messages, add_generation_prompt=False, tools=None, options=None) -> list:
         """Token ids, as transformers' apply_chat_template(tokenize=True) gives them: the rendered text
-        encoded without adding special tokens (the template writes its own)."""
-        return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools), add_special_tokens=False)
+        encoded without adding special tokens (the template writes its own). `options`: the template's
+        switches for this rendering only (a request's enable_thinking)."""
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools, options),
+                                     add_special_tokens=False)
 
     def stop_ids(self) -> set:
         """The tokens that end an answer: the end-of-text token, and the template's end-of-turn token

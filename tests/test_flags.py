@@ -37,6 +37,7 @@ GENERATE_BAD = {
     "--plot": [""], "--ig-steps": ["0"], "--ig-baseline": ["random"], "--explain-top": ["0"],
     "--host": [""], "--port": ["-1", "65536"], "--api-key": [""], "--max-batch": ["0", "257"], "--export-onnx": [""],
     "--export-gguf": [""], "--gguf-type": ["q4_k"], "--chat-template": [""], "--system": [""],
+    "--tools": [""], "--enable-thinking": ["maybe"],
     "--lm-eval": [""], "--limit": ["0", "-1", "nan"], "--num-fewshot": ["-1", "x"], "--batch-size": ["0"],
     "--cache-budget": ["0", "x"], "--max-connections": ["0"], "--header-timeout": ["0", "nan"], "--body-timeout": ["-1"],
     "--grace-period": ["-1", "nan"],

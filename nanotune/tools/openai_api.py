@@ -111,6 +111,9 @@ def chat_prompt(body, template):
     if thinking is not None and not isinstance(thinking, bool):
         raise RequestError(400, "'chat_template_kwargs.enable_thinking' must be true or false",
                            param="chat_template_kwargs")
+    if thinking is not None and "enable_thinking" not in template.source:
+        raise RequestError(400, "this model's chat template has no enable_thinking switch (Qwen3's has): leave it"
+                                " out", param="enable_thinking")
     try:
         return template.encode(messages, add_generation_prompt=True, tools=tools,
                                options=None if thinking is None else {"enable_thinking": thinking})

@@ -198,6 +198,10 @@ def test_the_server_returns_tool_calls(tool_model):
                          "max_tokens": 5}
         status, answer = request(port, "POST", "/v1/chat/completions", follow)
         assert status == 200, answer
+        chunks = stream(port, body | {"stream": True})                     # streamed: the call whole, at the end
+        calls = [c for chunk in chunks for c in chunk["choices"][0]["delta"].get("tool_calls", [])]
+        assert [c["function"] for c in calls] == [call["function"]] and calls[0]["index"] == 0
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
         status, bad = request(port, "POST", "/v1/chat/completions", body | {"tools": "get_weather"})
         assert status == 400 and bad["error"]["param"] == "tools"
         status, bad = request(port, "POST", "/v1/chat/completions", body | {"enable_thinking": False})
@@ -205,6 +209,19 @@ def test_the_server_returns_tool_calls(tool_model):
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+def stream(port, body):
+    """The JSON chunks of a streamed chat completion."""
+    import http.client
+
+    from test_serve import KEY
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
 
 
 def test_a_request_switches_qwen3s_thinking(qwen3_like):

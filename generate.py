@@ -16,7 +16,7 @@ import sys
 import torch
 
 from nanotune import NanotuneError, hub, load_tokenizer, preference, tricks
-from nanotune.chat import ChatTemplate, read_template
+from nanotune.chat import ChatTemplate, parse_tool_calls, read_template, read_tools, template_options
 from nanotune.generation import generate
 from nanotune.lora import load_adapter, merge_lora, read_adapter_config
 from nanotune.models import check_tokenizer_fits, load_model
@@ -59,8 +59,8 @@ def main(args):
     # Generate: encode the prompts, continue them, print the text as it grows.
     context = model.config.context
     if template and prompts:                             # each prompt a user's message; the model answers it
-        encoded = [template.encode(opening(args) + [{"role": "user", "content": p}], add_generation_prompt=True)
-                   for p in prompts]
+        encoded = [template.encode(opening(args) + [{"role": "user", "content": p}], add_generation_prompt=True,
+                                   tools=read_tools(args.tools)) for p in prompts]
     else:
         encoded = [tokenizer.encode(p) for p in prompts] or [[tokenizer.bos_id]]
     for p, ids in zip(prompts, encoded):
@@ -101,11 +101,11 @@ def conversation_template(args, tokenizer):
         return None
     source = read_template(None, args.chat_template) if args.chat_template else tokenizer.chat_template
     if source is None:
-        if args.chat or args.system:
+        if args.chat or args.system or args.tools or args.enable_thinking:
             raise NanotuneError("this model has no chat template to write a conversation with: give one with"
                                 " --chat-template FILE, or --chat-template chatml")
         return None
-    return ChatTemplate(source, tokenizer, args.chat_template)
+    return ChatTemplate(source, tokenizer, args.chat_template, template_options(source, args.enable_thinking))
 
 
 def opening(args):
@@ -116,18 +116,19 @@ def chat(args, model, tokenizer, template, device):
     """--chat: a conversation in the terminal. Every message, and every answer so far, goes back to
     the model through its chat template; each answer streams as it is written and ends at the
     model's end-of-turn token. Ctrl-D (end of input) ends the conversation."""
-    history, stops = opening(args), template.stop_ids()
+    history, stops, tools = opening(args), template.stop_ids(), read_tools(args.tools)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     print("a conversation: write a message and press Enter; Ctrl-D ends it", file=sys.stderr)
     while True:
+        called = history and history[-1].get("tool_calls")
         try:
-            message = input("> ")
+            message = input("tool result> " if called else "> ")
         except EOFError:
             return 0
         if not message.strip():
             continue
-        history.append({"role": "user", "content": message})
-        ids = template.encode(history, add_generation_prompt=True)
+        history.append({"role": "tool" if called else "user", "content": message})
+        ids = template.encode(history, add_generation_prompt=True, tools=tools)
         room = model.config.context - len(ids)
         if room < 1:
             raise NanotuneError(f"the conversation has grown to {len(ids)} tokens, the model's whole context:"
@@ -135,7 +136,11 @@ def chat(args, model, tokenizer, template, device):
         printer = Printer(tokenizer, args.stop, stream=True)
         generate(model, [ids], min(args.max_new_tokens, room), tokenizer.pad_id, stops, args.temperature,
                  args.top_k or None, args.top_p, args.repetition_penalty, generator, on_token=printer)
-        history.append({"role": "assistant", "content": printer.finish(0)})
+        answer = printer.finish(0)
+        content, calls = parse_tool_calls(answer) if tools else (answer, [])
+        for call in calls:                   # the model asks for a tool: the next line is its result
+            print(f"tool call: {call['function']['name']}({call['function']['arguments']})", flush=True)
+        history.append({"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {}))
 
 
 def read_prompts(args):

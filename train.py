@@ -12,13 +12,14 @@ before anything is written. `python train.py --help` lists every option (nanotun
 """
 import math
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from nanotune import NanotuneError, load_tokenizer, preference, rl, tricks
-from nanotune.chat import render_conversations
+from nanotune.chat import read_tools, render_conversations
 from nanotune.data import (batch_order, check_something_to_learn, fit_conversations, lm_sequences, make_batch, mix,
                            pack, pack_examples, read_examples, split, truncate)
 from nanotune.evaluate import evaluate
@@ -53,7 +54,7 @@ def main(args):
     # and how much memory the run will need, are known before the weights are loaded.
     tokenizer = load_tokenizer(args.model)
     added = grow_tokenizer(tokenizer, args.add_tokens)
-    render = preference.render_pairs if run.task in preference.TASKS else render_conversations
+    render = preference.render_pairs if run.task in preference.TASKS else chat_renderer(args)
     template = render(train_examples, val_examples, tokenizer, args.model, args.chat_template,
                       args.train_on)                              # conversations: the model's own template
     config = model_config(args.model)
@@ -167,7 +168,7 @@ def tokenize(examples, tokenizer, task, max_length, labels, args, template=None,
     if task in preference.TASKS:                     # pairs: the prompt, then each answer (preference.py)
         return preference.tokenize_pairs(examples, tokenizer, max_length)
     if examples and "messages" in examples[0]:       # conversations, through the model's chat template
-        pairs = [template.tokenize(e["messages"], args.train_on) for e in examples]
+        pairs = [e["tokens"] for e in examples]     # rendered and checked turn by turn (render_conversations)
         sequences, targets, too_long = fit_conversations(pairs, examples, max_length, name, say)
         if args.pack:                                # whole conversations side by side, none seeing another
             return (*pack_examples(sequences, targets, max_length), too_long)
@@ -185,6 +186,11 @@ def tokenize(examples, tokenizer, task, max_length, labels, args, template=None,
     return sequences, [labels.index(e["label"]) for e in examples], too_long
 
 
+def chat_renderer(args):
+    """render_conversations with --tools's definitions and --enable-thinking's switch."""
+    return partial(render_conversations, tools=read_tools(args.tools), thinking=args.enable_thinking)
+
+
 def check_inputs(args):
     """A single run's checks, without loading the weights or writing anything: the flags, the data,
     the model's config and tokenizer, what tokenizing leaves, and --out against every input.
@@ -193,7 +199,7 @@ def check_inputs(args):
     train_examples, val_examples, label_names = load_data(args, task)
     tokenizer = load_tokenizer(args.model)
     grow_tokenizer(tokenizer, args.add_tokens)
-    render = preference.render_pairs if task in preference.TASKS else render_conversations
+    render = preference.render_pairs if task in preference.TASKS else chat_renderer(args)
     template = render(train_examples, val_examples, tokenizer, args.model, args.chat_template, args.train_on)
     max_length = context_length(args, model_config(args.model), task)
     quiet = lambda message: None                   # the run itself says it

@@ -1,7 +1,8 @@
 """Files -> examples -> token ids -> batches.
 
 Formats: .txt (one example per line), .jsonl (a "text" field, and "label" for classification; or a
-conversation: "messages", or "prompt" and "completion"), .csv / .tsv (a header row naming the text
+conversation: "messages", ShareGPT's "conversations", Alpaca's "instruction" and "output", or
+"prompt" and "completion"), .csv / .tsv (a header row naming the text
 and label columns). Every batch is padded only to its own longest example; `pack` removes padding
 altogether for language modelling.
 """
@@ -112,30 +113,77 @@ def read_examples(path, text_column="text", label_column="label", with_labels=Fa
     return examples
 
 
-CONVERSATION = {"messages", "prompt", "completion"}     # the keys that make a .jsonl line a conversation
+CONVERSATION = {"messages", "prompt", "completion", "conversations", "instruction"}   # keys of a conversation line
+# ShareGPT's speakers, and the roles they become (OpenAI's names are accepted as they are).
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool",
+                  "user": "user", "assistant": "assistant"}
+
+
+def conversation_format(row):
+    """Which conversation format a .jsonl line is written in, or None."""
+    return ("messages" if "messages" in row else "ShareGPT" if "conversations" in row else
+            "Alpaca" if "instruction" in row else "prompt/completion" if {"prompt", "completion"} <= row.keys()
+            else None)
 
 
 def read_conversations(path, rows):
-    """Conversations: OpenAI's (and the Hub's chat datasets') {"messages": [{"role", "content"}, ...]},
-    or a prompt and its completion ({"prompt": "...", "completion": "..."}, as TRL writes them; either
-    may also be a list of messages). One format a file."""
-    from .chat import check_conversation
-    first = "messages" if "messages" in rows[0][1] else "prompt/completion"
+    """Conversations, in OpenAI's (and the Hub's chat datasets') {"messages": [{"role", "content"},
+    ...]} format, or converted to it from the other common ones:
+    - a prompt and its completion ({"prompt": "...", "completion": "..."}, as TRL writes them; either
+      may also be a list of messages);
+    - ShareGPT: {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}, the
+      speakers human, gpt, system and tool becoming user, assistant, system and tool;
+    - Alpaca: {"instruction": "...", "input": "...", "output": "..."}: the instruction, and the input
+      below it when there is one, as the user's turn; the output as the answer.
+    A line may carry "tools" (tool definitions) for the template. One format a file."""
+    from .chat import check_conversation, check_tools
+    first = conversation_format(rows[0][1])
     examples = []
     for where, row in rows:
-        kind = ("messages" if "messages" in row else
-                "prompt/completion" if {"prompt", "completion"} <= row.keys() else None)
+        kind = conversation_format(row)
         if kind != first:
             have = ", ".join(repr(k) for k in row)
             raise NanotuneError(f"{path} {where} is not a {first} conversation like the file's first line (its"
                                 f" fields: {have}): keep one format a file")
-        if kind == "messages":
-            messages = row["messages"]
-        else:
-            as_turns = lambda part, role: part if isinstance(part, list) else [{"role": role, "content": part}]
-            messages = as_turns(row["prompt"], "user") + as_turns(row["completion"], "assistant")
-        examples.append({"messages": check_conversation(messages, f"{path} {where}"), "where": f"{path.name} {where}"})
+        messages = as_messages(row, kind, f"{path} {where}")
+        example = {"messages": check_conversation(messages, f"{path} {where}"), "where": f"{path.name} {where}"}
+        if row.get("tools") is not None:
+            example["tools"] = check_tools(row["tools"], f"{path} {where}")
+        if kind in ("ShareGPT", "Alpaca"):
+            example["converted"] = kind
+        examples.append(example)
     return examples
+
+
+def as_messages(row, kind, where):
+    """A line's conversation as a list of messages, whatever its format."""
+    if kind == "messages":
+        return row["messages"]
+    if kind == "prompt/completion":
+        as_turns = lambda part, role: part if isinstance(part, list) else [{"role": role, "content": part}]
+        return as_turns(row["prompt"], "user") + as_turns(row["completion"], "assistant")
+    if kind == "Alpaca":
+        for name in ("instruction", "output"):
+            if not isinstance(row.get(name), str) or not row[name]:
+                raise NanotuneError(f"{where}: an Alpaca line needs a non-empty {name!r} text (its fields:"
+                                    f" {', '.join(map(repr, row))})")
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise NanotuneError(f"{where}: 'input' is {json.dumps(extra)[:40]}, not text")
+        return [{"role": "user", "content": row["instruction"] + ("\n\n" + extra if extra else "")},
+                {"role": "assistant", "content": row["output"]}]
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise NanotuneError(f"{where}: 'conversations' must be a non-empty list of {{\"from\", \"value\"}} objects")
+    messages = []
+    for n, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise NanotuneError(f"{where}: turn {n} of 'conversations' is not an object with 'from' and 'value'")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise NanotuneError(f"{where}: turn {n} is from {turn['from']!r}; ShareGPT's speakers are"
+                                f" {', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
 
 
 def fit_conversations(pairs, examples, max_length, name, say):
@@ -147,7 +195,7 @@ def fit_conversations(pairs, examples, max_length, name, say):
     kept, lost, cut = [], [], 0
     for (ids, labels), example in zip(pairs, examples):
         if any(label != IGNORE for label in labels[1:max_length]):
-            kept.append((ids[:max_length], labels[:max_length]))
+            kept.append((Conversation(ids[:max_length], example.get("affected", ())), labels[:max_length]))
             cut += len(ids) > max_length
         else:
             lost.append((example.get("where", "?"), len(ids)))
@@ -160,6 +208,15 @@ def fit_conversations(pairs, examples, max_length, name, say):
             raise NanotuneError(f"{told}: no {name} conversation is left: raise --max-length or shorten the prompts")
         say(f"note: {told}; they are left out, as nothing of them would be learned")
     return [ids for ids, _ in kept], [labels for _, labels in kept], cut
+
+
+class Conversation(list):
+    """A conversation's token ids, and the [first, last] spans of the answers the render check left
+    unscored (chat.ChatTemplate.answers: context only), for --show-batch to mark."""
+
+    def __init__(self, ids, context_only=()):
+        super().__init__(ids)
+        self.context_only = [(first, min(last, len(ids) - 1)) for first, last in context_only if first < len(ids)]
 
 
 def split(examples, fraction, seed):
@@ -232,11 +289,13 @@ def pack(token_lists, block_size, eos_id):
 
 
 class PackedBlock(list):
-    """Token ids of several examples side by side, and where each one starts (`starts`)."""
+    """Token ids of several examples side by side, where each one starts (`starts`), and the spans of
+    their answers left unscored by the render check (`context_only`, as in Conversation)."""
 
     def __init__(self, ids, starts):
         super().__init__(ids)
         self.starts = starts
+        self.context_only = list(getattr(ids, "context_only", ()))
 
 
 def segments_and_positions(block):
@@ -260,6 +319,8 @@ def pack_examples(sequences, labels, block_size):
     for ids, lab in zip(sequences, labels):
         if blocks and len(blocks[-1]) + len(ids) <= block_size:
             blocks[-1].starts.append(len(blocks[-1]))
+            blocks[-1].context_only += [(a + len(blocks[-1]), b + len(blocks[-1]))
+                                        for a, b in getattr(ids, "context_only", ())]
             blocks[-1].extend(ids)
             block_labels[-1].extend(lab)
         else:

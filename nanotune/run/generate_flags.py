@@ -50,6 +50,12 @@ def parser():
                    help="--prompt goes to the model as it is, not wrapped in the chat template as a user's message")
     g.add_argument("--chat-template", metavar="FILE", type=text("a template file or a built-in name"),
                    help="write conversations with this Jinja template (a file, or chatml) instead of the model's own")
+    g.add_argument("--tools", metavar="FILE", type=text("a JSON file"),
+                   help="--chat and --prompt: a JSON list of tool definitions (OpenAI's format) the template offers the"
+                        " model; the tool calls it writes are shown, and in --chat the next line is their result")
+    g.add_argument("--enable-thinking", choices=["on", "off"],
+                   help="the chat template's enable_thinking switch (Qwen3): off makes the model answer without"
+                        " thinking first (default: the template's own, on for Qwen3)")
     g = p.add_argument_group("sampling (chapter 2: temperature 0.7, sampling)")
     g.add_argument("--max-new-tokens", type=whole_number(1), default=100)
     g.add_argument("--temperature", type=number(0), default=0.7,

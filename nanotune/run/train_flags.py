@@ -67,9 +67,16 @@ def parser():
     g.add_argument("--chat-template", metavar="FILE", type=text("a template file or a built-in name"),
                    help="conversations: render them with this Jinja template (a file, or chatml) instead of the"
                         " model's own")
-    g.add_argument("--train-on", choices=["answers", "all"], default="answers",
-                   help="conversations: score the assistant's answers only (each with its end-of-turn token), or"
-                        " every token")
+    g.add_argument("--train-on", choices=["answers", "strict", "all"], default="answers",
+                   help="conversations: score the assistant's answers only (each with its end-of-turn token) where"
+                        " training renders them as serving will, the others kept as context (answers); refuse a"
+                        " conversation whose template renders an answer differently (strict); or every token (all)")
+    g.add_argument("--tools", metavar="FILE", type=text("a JSON file"),
+                   help="conversations: a JSON list of tool definitions (OpenAI's format) for the chat template,"
+                        " for every conversation without its own 'tools'")
+    g.add_argument("--enable-thinking", choices=["on", "off"],
+                   help="conversations: the chat template's enable_thinking switch (Qwen3), set as it will be when"
+                        " serving; the render check compares each answer with the prompt it gives")
     g.add_argument("--data-report", action="store_true",
                    help="print what the tokenizer makes of the data (split words, lengths, labels) and stop")
     g.add_argument("--add-tokens", metavar="TOKENS", type=text("tokens separated by commas, or a file"),

@@ -13,8 +13,9 @@ def token_text(tokenizer, token_id):
     return repr(text)[1:-1] if text.strip() == text and text else repr(text)
 
 
-def show_batch(batch, tokenizer, task, n, label_names=None, colour=None, notes=()):
-    """Text: the first `n` examples of `batch`, a row per position, and what to watch out for."""
+def show_batch(batch, tokenizer, task, n, label_names=None, colour=None, notes=(), context_only=()):
+    """Text: the first `n` examples of `batch`, a row per position, and what to watch out for.
+    `context_only`: per example, the token spans of answers the render check left unscored."""
     colour = use_colour() if colour is None else colour
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     n = min(n, ids.shape[0])
@@ -40,7 +41,9 @@ def show_batch(batch, tokenizer, task, n, label_names=None, colour=None, notes=(
             if task == "lm":
                 target = int(targets[b, t])
                 scored = target != IGNORE
-                what = f"{token_text(tokenizer, target)} ({target})" if scored else "not scored"
+                served = not any(a <= t + 1 <= z for a, z in (context_only[b] if b < len(context_only) else ()))
+                what = (f"{token_text(tokenizer, target)} ({target})" if scored else "not scored" if served else
+                        "! not scored: this answer is rendered otherwise at serving (context only)")
                 row = cells + ("* " if scored else "  ") + what
                 lines.append((GREEN + row + RESET if scored else DIM + row + RESET) if colour else row)
             else:
@@ -99,5 +102,11 @@ def show_first_batch(args, run, tokenizer, sequences, labels, label_names, repor
         run.print(show_batch(batch, tokenizer, "lm", args.show_batch or 2, notes=notes))
         return 0
     notes = batch_notes(batch, tokenizer, run.task, longer, max_length, beyond, args.pack, args.truncate)
-    run.print(show_batch(batch, tokenizer, run.task, args.show_batch or 2, label_names, notes=notes))
+    context_only = [getattr(sequences[i], "context_only", ()) for i in first]
+    if any(context_only):
+        notes.append(f"{sum(map(len, context_only))} answers in this batch (marked !) are rendered differently in"
+                     " training than the server will prompt for them (their chat template changes earlier turns):"
+                     " they stay as context, unscored")
+    run.print(show_batch(batch, tokenizer, run.task, args.show_batch or 2, label_names, notes=notes,
+                         context_only=context_only))
     return 0

@@ -59,6 +59,11 @@ def data_report(examples, tokenizer, task, max_length, truncation="head", top=10
                     "handling": handling},
         "specials": sorted(i for i in specials if i is not None),
     }
+    if chats:
+        affected = [len(e.get("affected", ())) for e in examples]
+        report["conversations"] = {"converted": dict(Counter(e["converted"] for e in examples if "converted" in e)),
+                                   "answers_not_as_served": sum(affected),
+                                   "conversations_affected": sum(n > 0 for n in affected)}
     if task == "classify":
         counts = Counter(e["label"] for e in examples)
         ratio = max(counts.values()) / min(counts.values())
@@ -81,9 +86,32 @@ def format_report(r) -> str:
     lines.append(f"- length in tokens: median {n['median']:g}, 95th percentile {n['p95']}, longest {n['max']};"
                  f" {n['longer']} examples are longer than --max-length {n['max_length']}"
                  + (f" ({n['tokens_beyond']:,} tokens beyond it: {n['handling']})" if n["longer"] else ""))
+    if "conversations" in r:
+        lines += conversation_lines(r["conversations"])
     if "labels" in r:
         counts, ratio = r["labels"]["counts"], r["labels"]["imbalance"]
         skewed = ": skewed; consider --class-weights balanced, so each label weighs the same in the loss"
         lines.append("- labels: " + ", ".join(f"{k} {v}" for k, v in counts.items())
                      + f"; the largest is {ratio:.1f}x the smallest" + (skewed if ratio > 3 else ""))
     return "\n".join(lines)
+
+
+CONVERSIONS = {"ShareGPT": "ShareGPT's 'conversations' of {from, value} read as messages (human -> user, gpt ->"
+                           " assistant, system -> system, tool -> tool)",
+               "Alpaca": "Alpaca's instruction (and input, below it) read as the user's turn, output as the answer"}
+
+
+def conversation_lines(c):
+    """How conversations were read, and the render check: answers that training would render
+    otherwise than serving does (chat.ChatTemplate.answers)."""
+    lines = [f"- {CONVERSIONS[kind]}: {n:,} conversations" for kind, n in c["converted"].items()]
+    if c["answers_not_as_served"]:
+        turns, conversations = c["answers_not_as_served"], c["conversations_affected"]
+        lines.append(f"- render check: {turns:,} assistant turns in {conversations:,} conversations are rendered"
+                     " differently in training than at serving time (the chat template changes earlier turns, as"
+                     " Qwen3's drops their <think> blocks): they are kept as context and not scored, so those"
+                     " conversations train on their exact answers (the last one); --train-on strict refuses"
+                     " instead, --show-batch marks them")
+    else:
+        lines.append("- render check: every answer is scored in the context a server will give it")
+    return lines

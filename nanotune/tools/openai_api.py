@@ -6,7 +6,8 @@ import json
 import secrets
 import time
 
-from ..chat import ROLES
+from ..chat import check_conversation, parse_tool_calls
+from ..errors import NanotuneError
 
 MAX_N = 16                       # choices per prompt
 MAX_PROMPTS = 256                # prompts per request
@@ -41,6 +42,7 @@ def settings(body, default_max_tokens, chat=False):
     stop = field(body, "stop", (str, list), [], stops_ok, "a non-empty string or a list of up to 4 non-empty strings")
     if chat and body.get("max_completion_tokens") is not None:            # the chat API's newer name
         body = body | {"max_tokens": body["max_completion_tokens"]}
+    tools = bool(body.get("tools")) if chat else False                     # answers may hold tool calls
     s = {"max_tokens": field(body, "max_tokens", int, default_max_tokens, lambda v: v >= 1, "a whole number >= 1"),
          "temperature": field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
          "top_p": field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -48,7 +50,7 @@ def settings(body, default_max_tokens, chat=False):
          "stop": [stop] if isinstance(stop, str) else stop,
          "seed": field(body, "seed", int, None, lambda v: 0 <= v < 2**63, "a whole number >= 0"),
          "stream": field(body, "stream", bool, False, allowed="true or false"),
-         "logprobs": None}
+         "logprobs": None, "tools": tools}
     if not chat:
         s["logprobs"] = field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "a whole number from 0 to 5")
         field(body, "echo", bool, False, lambda v: not v, "false (echo is not supported)")
@@ -85,7 +87,9 @@ def completion_prompts(body, tokenizer, vocab_size):
 
 def chat_prompt(body, template):
     """The conversation of a /v1/chat/completions request, written by the model's chat template and
-    ending where the assistant's answer begins."""
+    ending where the assistant's answer begins: its messages (tool calls and tool results too), its
+    `tools`, and the template's switch `enable_thinking` (also as `chat_template_kwargs`, as vLLM
+    takes it)."""
     if template is None:
         raise RequestError(400, "this model has no chat template: use POST /v1/completions, or start the server"
                                 " with --chat-template")
@@ -93,15 +97,37 @@ def chat_prompt(body, template):
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects",
                            param="messages")
-    for n, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise RequestError(400, f"messages[{n}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\":"
-                                    " a string}", param="messages")
     try:
-        return template.encode([{"role": m["role"], "content": m["content"]} for m in messages],
-                               add_generation_prompt=True)
+        messages = check_conversation(messages, "'messages'", need_answer=False)
+    except NanotuneError as e:
+        raise RequestError(400, str(e), param="messages") from None
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise RequestError(400, "'tools' must be a list of tool definitions ({\"type\": \"function\","
+                                " \"function\": {...}})", param="tools")
+    kwargs = field(body, "chat_template_kwargs", dict, {}, lambda v: set(v) <= {"enable_thinking"},
+                   "an object whose only key is enable_thinking")
+    thinking = field(body, "enable_thinking", bool, kwargs.get("enable_thinking"), allowed="true or false")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise RequestError(400, "'chat_template_kwargs.enable_thinking' must be true or false",
+                           param="chat_template_kwargs")
+    if thinking is not None and "enable_thinking" not in template.source:
+        raise RequestError(400, "this model's chat template has no enable_thinking switch (Qwen3's has): leave it"
+                                " out", param="enable_thinking")
+    try:
+        return template.encode(messages, add_generation_prompt=True, tools=tools,
+                               options=None if thinking is None else {"enable_thinking": thinking})
     except Exception as e:                      # the template refused the conversation (raise_exception)
         raise RequestError(400, f"the chat template refused these messages ({e})", param="messages") from None
+
+
+def chat_message(text, tools):
+    """The assistant's message: with `tools` in the request, the calls the model wrote in its
+    template's format (chat.parse_tool_calls) become OpenAI's tool_calls."""
+    content, calls = parse_tool_calls(text) if tools else (text, [])
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": content or None, "tool_calls": calls}
 
 
 def check_size(prompts, s, context, max_batch):
@@ -142,8 +168,10 @@ def finish_reason(s):
 def response(request, model_id, chat, request_id, created, tokenizer):
     """The whole answer, once every choice has ended."""
     if chat:
-        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text}, "logprobs": None,
-                    "finish_reason": finish_reason(s)} for s in request.sequences]
+        messages = [chat_message(s.text, request.settings["tools"]) for s in request.sequences]
+        choices = [{"index": s.index, "message": m, "logprobs": None,
+                    "finish_reason": "tool_calls" if "tool_calls" in m else finish_reason(s)}
+                   for s, m in zip(request.sequences, messages)]
     else:
         choices = [{"text": s.text, "index": s.index, "logprobs": logprobs(s, tokenizer),
                     "finish_reason": finish_reason(s)} for s in request.sequences]
@@ -151,10 +179,12 @@ def response(request, model_id, chat, request_id, created, tokenizer):
             "model": model_id, "choices": choices, "usage": usage(request)}
 
 
-def chunk(model_id, chat, request_id, created, index, text, finish=None, first=False):
-    """A server-sent event's data: a piece of one choice's text, or its end."""
+def chunk(model_id, chat, request_id, created, index, text, finish=None, first=False, calls=()):
+    """A server-sent event's data: a piece of one choice's text, or its end; `calls`: a chat
+    answer's tool calls (sent whole, once the answer has ended)."""
     if chat:
         delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+        delta |= {"tool_calls": [{"index": i} | c for i, c in enumerate(calls)]} if calls else {}
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
     else:
         choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}

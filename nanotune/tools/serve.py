@@ -2,7 +2,8 @@
 
     POST /v1/completions        a language model: prompt (a string or a list), max_tokens, temperature,
                                 top_p, n, stop, seed, stream, logprobs
-    POST /v1/chat/completions   a chat model: messages, through the model's chat template; the same settings
+    POST /v1/chat/completions   a chat model: messages, through the model's chat template; the same settings,
+                                tools (answers' tool calls returned as tool_calls) and enable_thinking
     POST /v1/classify           a classifier: {"input": "text" or ["text", ...]} -> {"data": [{"index": 0,
                                 "label": "positive", "probabilities": {...}}, ...], "usage": {...}}
     POST /v1/score              a reward model (train.py --reward-model): {"input": {"prompt": ..., "answer": ...}
@@ -193,6 +194,14 @@ def app(model, tokenizer, model_id, api_key=None, max_batch=32, template=None, c
                     yield f"data: {json.dumps(api.RequestError(500, s, kind='server_error').body())}\n\n"
                     break
                 done = kind == "done"
+                if chat and work.settings["tools"]:   # tool calls are parsed from the whole answer: it goes at the end
+                    if done:
+                        left -= 1
+                        message = api.chat_message(s.text, True)
+                        calls = message.get("tool_calls", ())
+                        yield send(s.index, message["content"] or "", calls=calls)
+                        yield send(s.index, "", finish="tool_calls" if calls else api.finish_reason(s))
+                    continue
                 ready = s.text if done or s.finish_reason else s.text[:len(s.text) - hold]
                 if (done or not ready.endswith("\ufffd")) and len(ready) > sent[s.index]:
                     yield send(s.index, ready[sent[s.index]:])

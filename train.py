@@ -102,7 +102,7 @@ def main(args):
     if stopped is not None:
         return stopped
     finish(args, run, model, tokenizer, data, quantization, estimate, progress)
-    return lm_eval.after_training(args, run) if args.lm_eval else 0       # 8. scores people compare (lm-eval)
+    return lm_eval.after_training(args, run, template is not None) if args.lm_eval else 0   # 8. lm-eval's scores
 
 
 # ---- 1.-3. the data, the model, the tokens ------------------------------------------------------

@@ -249,10 +249,11 @@ def run(args, model, tokenizer, template):
     return 0
 
 
-def after_training(args, run):
+def after_training(args, run, chat):
     """train.py --lm-eval: the tasks on the best model the run saved in --out (reloaded, its LoRA
-    adapter applied, as generate.py --model OUT loads it, chat template included), the scores into
-    OUT/metrics.jsonl as one "lm_eval" event, and lm-eval's table printed."""
+    adapter applied, as generate.py --model OUT loads it), the scores into OUT/metrics.jsonl as one
+    "lm_eval" event, and lm-eval's table printed. The prompts are written as the model was trained:
+    through its chat template after training on conversations (chat), as plain text otherwise."""
     from lm_eval.utils import make_table
 
     from ..chat import ChatTemplate
@@ -270,7 +271,7 @@ def after_training(args, run):
     else:
         model = load_model(out, device=run.device)
     tokenizer = load_tokenizer(out)
-    template = ChatTemplate(tokenizer.chat_template, tokenizer) if tokenizer.chat_template else None
+    template = ChatTemplate(tokenizer.chat_template, tokenizer) if chat and tokenizer.chat_template else None
     run.print(f"lm-eval: {args.lm_eval} on the best model in {out}/")
     results = evaluate_tasks(args.lm_eval, model, tokenizer, template, args.batch_size, args.stride,
                              args.lm_eval_limit)

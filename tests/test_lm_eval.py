@@ -148,6 +148,7 @@ def smollm2():
     return hub.resolve(path)          # nanotune's Hub-layout folder of the GGUF file, which transformers loads
 
 
+@pytest.mark.slow                 # the real 135M model twice: about two minutes on a shared 2-core machine
 def test_smollm2_equals_hf(smollm2):
     """The real SmolLM2-135M-Instruct: the same log-likelihoods, and the same answers through its chat
     template (lm-eval's --apply_chat_template) as transformers' tokenizer writes them."""

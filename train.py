@@ -36,7 +36,7 @@ from nanotune.run.cli import run as run_command
 from nanotune.run.metrics import MetricsLog, RunningLoss, describe_data, describe_model, report_training
 from nanotune.run.output import take
 from nanotune.run.train_flags import check_flags, context_length, parse_args, parser, start
-from nanotune.tools import batch_view, lr_find, quantization_error, search
+from nanotune.tools import batch_view, lm_eval, lr_find, quantization_error, search
 from nanotune.tools.data_report import data_report, format_report
 
 
@@ -102,7 +102,8 @@ def main(args):
     stopped = fit(args, run, model, train_model, optimizer, tokenizer, progress, data)
     if stopped is not None:
         return stopped
-    return finish(args, run, model, tokenizer, data, quantization, estimate, progress)
+    finish(args, run, model, tokenizer, data, quantization, estimate, progress)
+    return lm_eval.after_training(args, run, template is not None) if args.lm_eval else 0   # 8. lm-eval's scores
 
 
 # ---- 1.-3. the data, the model, the tokens ------------------------------------------------------

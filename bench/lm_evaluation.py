@@ -13,7 +13,7 @@ import argparse
 import time
 
 import torch
-from common import ROOT, checkpoint, report, smollm2, with_tokenizer
+from common import ROOT, checkpoint, matmul_peak, report, smollm2, with_tokenizer
 
 
 def main():
@@ -46,13 +46,23 @@ def main():
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
             scores[name] = {t: {k: v for k, v in r.items() if "stderr" not in k and k != "alias"}
                             for t, r in results.items()}
+    peak = matmul_peak(torch.float32)                 # this machine's speed during the run (it drifts)
     ours, theirs = scores.values()
     if ours != theirs:
         raise SystemExit(f"the scores differ: {ours} against {theirs}")
     reference = best["lm-eval hf (transformers)"]
     rows = [[name, round(seconds, 1), f"{reference / seconds:.2f}x"] for name, seconds in best.items()]
-    report(f"lm-eval on the shipped tasks, {args.model}, --limit {args.limit}, batch {args.batch_size}",
-           ["model", "seconds (best of %d)" % args.repeat, "speed vs hf"], rows, {"scores": ours})
+    report(f"lm-eval on the shipped tasks, {args.model}, --limit {args.limit}, batch {args.batch_size};"
+           f" {cpu_name()}, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s",
+           ["model", "seconds (best of %d)" % args.repeat, "speed vs hf"], rows,
+           {"scores": ours, "cpu": cpu_name(), "matmul_peak_flops": peak})
+
+
+def cpu_name():
+    for line in open("/proc/cpuinfo", encoding="utf-8"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 if __name__ == "__main__":

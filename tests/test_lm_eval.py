@@ -148,6 +148,7 @@ def smollm2():
     return hub.resolve(path)          # nanotune's Hub-layout folder of the GGUF file, which transformers loads
 
 
+@pytest.mark.slow                 # the real 135M model twice: about two minutes on a shared 2-core machine
 def test_smollm2_equals_hf(smollm2):
     """The real SmolLM2-135M-Instruct: the same log-likelihoods, and the same answers through its chat
     template (lm-eval's --apply_chat_template) as transformers' tokenizer writes them."""
@@ -164,3 +165,35 @@ def test_smollm2_equals_hf(smollm2):
     prompt = ours.apply_chat_template(chat)
     request = [Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 6}), 0)]
     assert ours.generate_until(request) == hf.generate_until(request)
+
+
+def test_train_lm_eval_scores_the_best_model_into_metrics(llama_run, tmp_path):
+    """train.py --lm-eval: after the last epoch, the tasks on the saved model (a LoRA adapter here,
+    reloaded onto its base) give the scores generate.py --model OUT --lm-eval gives, in metrics.jsonl."""
+    out = tmp_path / "out"
+    done = run_cli("train.py", "--model", llama_run, "--data", "anecdotes_jokes.txt", "--epochs", 1, "--lr", 1e-2,
+                   "--lora-r", 4, "--max-length", 32, "--out", out, "--lm-eval", TASKS / "nanotune_jokes.yaml",
+                   "--lm-eval-limit", 6)
+    assert done.returncode == 0, done.stderr
+    assert "nanotune_jokes" in done.stdout and "acc_norm" in done.stdout           # lm-eval's table
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "lm_eval" and last["limit"] == 6
+    again = run_cli("generate.py", "--model", out, "--lm-eval", TASKS / "nanotune_jokes.yaml", "--limit", 6)
+    assert again.returncode == 0, again.stderr
+    theirs = json.loads((out / "lm_eval_results.json").read_text())["results"]["nanotune_jokes"]
+    assert (last["nanotune_jokes/acc"], last["nanotune_jokes/acc_norm"]) == (theirs["acc,none"], theirs["acc_norm,none"])
+
+
+def test_train_lm_eval_refuses_before_training(llama_run, tmp_path):
+    """A task whose data are on the Hub, offline: one line, exit 2, before anything is written."""
+    (tmp_path / "hub_only.yaml").write_text("task: hub_only\ndataset_path: Rowan/hellaswag\n"
+                                            "output_type: multiple_choice\ntest_split: validation\n"
+                                            "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\n"
+                                            "doc_to_target: '{{label}}'\n")
+    for extra, message in [(["--lm-eval", tmp_path / "hub_only.yaml"], "error: hub_only: a task's data are on the"),
+                           (["--lm-eval-limit", 3], "error: --lm-eval-limit shortens the tasks of --lm-eval")]:
+        done = run_cli("train.py", "--model", llama_run, "--data", "anecdotes_jokes.txt", "--epochs", 1,
+                       "--out", tmp_path / "out", *extra)
+        assert done.returncode == 2 and done.stderr.startswith(message), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()

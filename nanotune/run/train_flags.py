@@ -193,6 +193,12 @@ def parser():
                    help="weight of the KL penalty to the starting model (under LoRA: its adapters off)")
     g.add_argument("--max-new-tokens", type=whole_number(1), default=64, help="the longest answer sampled")
     g.add_argument("--temperature", type=number(0, low_open=True), default=1.0, help="sampling temperature")
+    g = p.add_argument_group("lm-eval after training (EleutherAI's lm-evaluation-harness, pip install lm-eval)")
+    g.add_argument("--lm-eval", metavar="TASKS", type=text("task names or a task path"),
+                   help="at the end, run these lm-eval tasks (names, or a task YAML or folder such as data/lm_eval)"
+                        " on the best model; the scores go into OUT/metrics.jsonl")
+    g.add_argument("--lm-eval-limit", type=number(0, low_open=True), metavar="N",
+                   help="--lm-eval: only the first N examples of each task (below 1: that share of them)")
     g = p.add_argument_group("the book's recipes")
     g.add_argument("--recipe", choices=sorted(RECIPES),
                    help="a chapter's settings (nanotune/recipes.py: rate, warm-up, decay, batch size, length,"
@@ -279,6 +285,16 @@ def check_settings(args, task):
     if args.unfreeze and distributed.world_size() > 1:
         raise NanotuneError("--unfreeze gradual changes what trains from epoch to epoch, which DDP does not allow:"
                             " run it in one process")
+    if args.lm_eval_limit is not None and not args.lm_eval:
+        raise NanotuneError("--lm-eval-limit shortens the tasks of --lm-eval: add --lm-eval TASKS")
+    if args.lm_eval and task == "classify":
+        raise NanotuneError(f"--lm-eval scores a language model, and {args.model} is a classifier: leave it out")
+    if args.lm_eval and args.reward:
+        raise NanotuneError("--lm-eval does not run after learning from rewards: leave it out, and afterwards run"
+                            " generate.py --model OUT --lm-eval TASKS")
+    if args.lm_eval:              # lm-eval is there and the tasks' data can be read: known now, not after training
+        from ..tools.lm_eval import check_tasks
+        check_tasks(args.lm_eval)
     if args.fsdp and (distributed.world_size() == 1 or args.lora_r or args.quantize):
         raise NanotuneError("--fsdp shards a full model across the ranks of a torchrun; it does not combine with LoRA"
                             " or --quantize (use DDP: leave --fsdp out)")

@@ -29,6 +29,8 @@ import torch
 from .. import tricks
 from ..generation import next_tokens
 
+CHUNK = 256                  # prompt positions whose log-probabilities (echo) are computed at once
+
 
 class Detokenizer:
     """A sequence's text, grown a token at a time. Decoding every token again at every step costs
@@ -66,6 +68,7 @@ class Sequence:
         self.request, self.index, self.prompt, self.generator = request, index, prompt, generator
         self.tokens, self.text, self.finish_reason, self.logprobs, self.pieces = [], "", None, [], []
         self.decoded = None                # a Detokenizer, from the engine
+        self.prompt_text, self.prompt_pieces, self.prompt_logprobs = "", [], []      # for echo
 
 
 class Request:
@@ -182,6 +185,12 @@ class Engine:
         ids = torch.tensor([s.prompt], device=self.device)
         cache = KVCache(self.layers, self.heads, self.head_size, 1, len(s.prompt), self.device, self.dtype)
         hidden = self.model.hidden_states(ids, None, None, cache)
+        if s.request.settings.get("echo"):
+            self.echo(s, hidden[0])
+        if s.request.settings["max_tokens"] == 0:       # the prompt scored, nothing to write: no slot taken
+            s.finish_reason = "length"
+            s.request.emit("done", s)
+            return
         slot = len(self.running)
         self.reserve(slot + 1, len(s.prompt) + s.request.settings["max_tokens"])
         self.k[:, slot, :, :len(s.prompt)] = cache.k[:, 0]
@@ -190,6 +199,27 @@ class Engine:
         self.lengths.append(len(s.prompt))
         self.pending.append(None)
         self.choose(slot, self.model.lm_head(hidden[:, -1]).float()[0])
+
+    def echo(self, s, hidden):
+        """The prompt's text, each token's share of it (the Detokenizer: a short window per token, never
+        the whole text again), and with logprobs each token's log-probability given the tokens before it
+        (position t predicts token t+1) and the likeliest tokens there. The vocabulary's logits are made
+        CHUNK positions at a time, so that a long prompt never holds (positions, vocabulary) at once."""
+        decoded = Detokenizer(self.tokenizer)
+        s.prompt_pieces = [decoded.add(t) for t in s.prompt]
+        s.prompt_pieces[-1] += decoded.held
+        s.prompt_text = "".join(s.prompt_pieces)
+        k = s.request.settings["logprobs"]
+        if k is None:
+            return
+        targets = torch.tensor(s.prompt[1:], device=self.device)                    # (T-1,)
+        for start in range(0, len(targets), CHUNK):
+            lp = self.model.lm_head(hidden[start:min(start + CHUNK, len(targets))]).float().log_softmax(-1)
+            picked = lp.gather(-1, targets[start:start + CHUNK, None])[:, 0].tolist()
+            top = lp.topk(k) if k else None
+            for row, (token, value) in enumerate(zip(targets[start:start + CHUNK].tolist(), picked)):
+                s.prompt_logprobs.append((token, value, [] if top is None else
+                                          list(zip(top.indices[row].tolist(), top.values[row].tolist()))))
 
     # ---- the key/value cache's memory ------------------------------------------------------------
     def need(self, s):

@@ -14,6 +14,7 @@ nothing is imported from it until a run asks for it.
 """
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -230,28 +231,15 @@ def results_path(args):
 
 
 def run(args, model, tokenizer, template):
-    """--lm-eval: run the tasks, write lm-eval's results JSON beside the run, print its table. A chat
-    model's prompts go through its chat template (lm-eval's --apply_chat_template) unless --raw."""
-    check_installed()
-    if not hasattr(model, "lm_head"):
-        raise NanotuneError("--lm-eval scores a language model; this one is a classifier: use --eval FILE")
-    from lm_eval import simple_evaluate
+    """generate.py --lm-eval: run the tasks, write lm-eval's results JSON beside the run, print its
+    table. A chat model's prompts go through its chat template (lm-eval's --apply_chat_template)
+    unless --raw."""
     from lm_eval.utils import handle_non_serializable, make_table
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)     # its notes to task authors are not for this run
-    names, manager = find_tasks(args.lm_eval)
     target = results_path(args)
     if target.exists() and not _ours(target):
         raise NanotuneError(f"{target} exists and was not written by nanotune: move it away first")
-    lm = as_lm(model, tokenizer, args.batch_size, template, args.stride)
-    try:
-        results = simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=args.num_fewshot,
-                                  limit=args.limit, apply_chat_template=template is not None, verbosity="ERROR")
-    except Exception as e:     # lm-eval reads each task's data first: the Hub's, or a local file's
-        if hub_unreachable(e):
-            raise NanotuneError(f"{', '.join(names)}: a task's data are on the Hugging Face Hub, which cannot be"
-                                " reached (offline?): run once online to cache them, or use a task over local"
-                                " files (data/lm_eval)") from None
-        raise
+    results = evaluate_tasks(args.lm_eval, model, tokenizer, template, args.batch_size, args.stride, args.limit,
+                             args.num_fewshot)
     results["config"]["model"] = str(args.adapter or args.model or "out")
     results["nanotune"] = True            # this file is nanotune's: the next run may replace it
     text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
@@ -259,6 +247,77 @@ def run(args, model, tokenizer, template):
     print(text if args.json else make_table(results))
     print(f"results: {target}", file=sys.stderr)
     return 0
+
+
+def after_training(args, run, chat):
+    """train.py --lm-eval: the tasks on the best model the run saved in --out (reloaded, its LoRA
+    adapter applied, as generate.py --model OUT loads it), the scores into OUT/metrics.jsonl as one
+    "lm_eval" event, and lm-eval's table printed. The prompts are written as the model was trained:
+    through its chat template after training on conversations (chat), as plain text otherwise."""
+    from lm_eval.utils import make_table
+
+    from ..chat import ChatTemplate
+    from ..lora import load_adapter, merge_lora
+    from ..models import load_model
+    from ..run.metrics import MetricsLog
+    from ..tokenizer import load_tokenizer
+    if not run.main_process:
+        return 0
+    out = Path(args.out)
+    if run.lora:
+        model = load_adapter(load_model(args.model, device=run.device, quantize=run.quant), out)
+        if not run.quant:
+            merge_lora(model)          # generation then costs what the base model costs
+    else:
+        model = load_model(out, device=run.device)
+    tokenizer = load_tokenizer(out)
+    template = ChatTemplate(tokenizer.chat_template, tokenizer) if chat and tokenizer.chat_template else None
+    run.print(f"lm-eval: {args.lm_eval} on the best model in {out}/")
+    results = evaluate_tasks(args.lm_eval, model, tokenizer, template, args.batch_size, args.stride,
+                             args.lm_eval_limit)
+    scores = {f"{task}/{metric.removesuffix(',none')}": value for task, r in results["results"].items()
+              for metric, value in r.items() if "stderr" not in metric and isinstance(value, (int, float))
+              and not isinstance(value, bool) and math.isfinite(value)}
+    MetricsLog(out).log("lm_eval", tasks=args.lm_eval, limit=args.lm_eval_limit, **scores)
+    run.print(make_table(results))
+    return 0
+
+
+def evaluate_tasks(spec, model, tokenizer, template, batch_size, stride=None, limit=None, num_fewshot=None):
+    """lm-eval's results (its dict) for the tasks of `spec` on a loaded language model."""
+    check_installed()
+    if not hasattr(model, "lm_head"):
+        raise NanotuneError("--lm-eval scores a language model; this one is a classifier: use --eval FILE")
+    from lm_eval import simple_evaluate
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)     # its notes to task authors are not for this run
+    names, manager = find_tasks(spec)
+    lm = as_lm(model, tokenizer, batch_size, template, stride)
+    try:
+        return simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+                               apply_chat_template=template is not None, verbosity="ERROR")
+    except Exception as e:     # lm-eval reads each task's data first: the Hub's, or a local file's
+        if hub_unreachable(e):
+            raise hub_error(names) from None
+        raise
+
+
+def check_tasks(spec):
+    """train.py --lm-eval, before training: lm-eval is installed, the tasks exist and their data can
+    be read (a task over the Hub's data, offline, would otherwise fail only after the last epoch)."""
+    check_installed()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    names, manager = find_tasks(spec)
+    try:
+        manager.load_task_or_group(names)
+    except Exception as e:
+        if hub_unreachable(e):
+            raise hub_error(names) from None
+        raise
+
+
+def hub_error(names):
+    return NanotuneError(f"{', '.join(names)}: a task's data are on the Hugging Face Hub, which cannot be reached"
+                         " (offline?): run once online to cache them, or use a task over local files (data/lm_eval)")
 
 
 def _ours(path):

@@ -43,22 +43,27 @@ def settings(body, default_max_tokens, chat=False):
     if chat and body.get("max_completion_tokens") is not None:            # the chat API's newer name
         body = body | {"max_tokens": body["max_completion_tokens"]}
     tools = bool(body.get("tools")) if chat else False                     # answers may hold tool calls
-    s = {"max_tokens": field(body, "max_tokens", int, default_max_tokens, lambda v: v >= 1, "a whole number >= 1"),
+    s = {"max_tokens": field(body, "max_tokens", int, default_max_tokens, lambda v: v >= 0, "a whole number >= 1"),
          "temperature": field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
          "top_p": field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
          "n": field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"a whole number from 1 to {MAX_N}"),
          "stop": [stop] if isinstance(stop, str) else stop,
          "seed": field(body, "seed", int, None, lambda v: 0 <= v < 2**63, "a whole number >= 0"),
          "stream": field(body, "stream", bool, False, allowed="true or false"),
-         "logprobs": None, "tools": tools}
+         "logprobs": None, "tools": tools, "echo": False}
     if not chat:
         s["logprobs"] = field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "a whole number from 0 to 5")
-        field(body, "echo", bool, False, lambda v: not v, "false (echo is not supported)")
+        s["echo"] = field(body, "echo", bool, False, allowed="true or false")
         field(body, "best_of", int, 1, lambda v: v == 1, "1 (best_of is not supported)")
+    if s["max_tokens"] == 0 and not s["echo"]:          # nothing to write and nothing to show
+        raise RequestError(400, "'max_tokens' is 0: it must be a whole number >= 1 (0 only with 'echo', to score"
+                                " the prompt)", param="max_tokens")
     for name in ("presence_penalty", "frequency_penalty"):
         field(body, name, (int, float), 0, lambda v: v == 0, "0 (penalties are not supported)")
     if s["stream"] and s["logprobs"] is not None:
         raise RequestError(400, "'logprobs' is not supported with 'stream'", param="logprobs")
+    if s["stream"] and s["echo"]:
+        raise RequestError(400, "'echo' is not supported with 'stream'", param="echo")
     return s
 
 
@@ -137,7 +142,7 @@ def check_size(prompts, s, context, max_batch):
                                 f" {s['n']}); the server decodes at most {max_batch} at once (--max-batch): send fewer"
                                 " prompts or a smaller n", param="n")
     longest = max(map(len, prompts))
-    if longest >= context:
+    if longest + min(s["max_tokens"], 1) > context:      # (echo with max_tokens 0 may score a whole context)
         raise RequestError(400, f"the prompt is {longest} tokens long; this model's context is {context} tokens, and"
                                 " the prompt must leave room for at least one new token: shorten it",
                            param="prompt", code="context_length_exceeded")
@@ -173,7 +178,8 @@ def response(request, model_id, chat, request_id, created, tokenizer):
                     "finish_reason": "tool_calls" if "tool_calls" in m else finish_reason(s)}
                    for s, m in zip(request.sequences, messages)]
     else:
-        choices = [{"text": s.text, "index": s.index, "logprobs": logprobs(s, tokenizer),
+        choices = [{"text": s.prompt_text + s.text if s.request.settings["echo"] else s.text, "index": s.index,
+                    "logprobs": logprobs(s, tokenizer),
                     "finish_reason": finish_reason(s)} for s in request.sequences]
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model_id, "choices": choices, "usage": usage(request)}
@@ -203,8 +209,15 @@ def logprobs(s, tokenizer):
     tokens = s.pieces[:len(kept)]
     if tokens:                                   # what is still held at the end belongs to the last token
         tokens[-1] += s.decoded.held
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in kept],
-            "top_logprobs": [alternatives(top, tokenizer) for _, _, top in kept],
+    if s.request.settings.get("echo"):
+        # the prompt's own tokens first, each scored given those before it (the first has nothing before
+        # it: null), then the completion's, then the end-of-text token that ended it, if one did, with no
+        # text: lm-eval's local-completions takes the last entry for the new token and drops it
+        ended = s.logprobs[len(kept):]
+        tokens = s.prompt_pieces + tokens + [""] * len(ended)
+        kept = [None, *s.prompt_logprobs, *kept, *ended]
+    return {"tokens": tokens, "token_logprobs": [None if e is None else e[1] for e in kept],
+            "top_logprobs": [None if e is None else alternatives(e[2], tokenizer) for e in kept],
             "text_offset": [0, *itertools.accumulate(map(len, tokens[:-1]))] if tokens else []}
 
 

@@ -1,7 +1,8 @@
 """Serve a model over HTTP in the OpenAI API's wire format, so that existing clients work unchanged.
 
     POST /v1/completions        a language model: prompt (a string or a list), max_tokens, temperature,
-                                top_p, n, stop, seed, stream, logprobs
+                                top_p, n, stop, seed, stream, logprobs, echo (the prompt scored too;
+                                max_tokens 0 with echo: the prompt scored only; lm-eval's local-completions reads it)
     POST /v1/chat/completions   a chat model: messages, through the model's chat template; the same settings,
                                 tools (answers' tool calls returned as tool_calls) and enable_thinking
     POST /v1/classify           a classifier: {"input": "text" or ["text", ...]} -> {"data": [{"index": 0,

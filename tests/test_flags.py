@@ -25,7 +25,7 @@ TRAIN_BAD = {
     "--reward": [""], "--reward-weights": ["nan", "x"], "--group-size": ["1", "0"], "--scale-rewards": ["std"],
     "--loss-type": ["ppo"], "--epsilon": ["0", "1", "nan"], "--updates-per-batch": ["0"], "--kl-beta": ["-1", "nan"],
     "--max-new-tokens": ["0"], "--temperature": ["0", "-1", "inf"],
-    "--beta": ["0", "-1", "nan"], "--dpo-loss": ["hinge"],
+    "--beta": ["0", "-1", "nan"], "--dpo-loss": ["hinge"], "--optim": ["adam8bit", ""],
 }
 GENERATE_BAD = {
     "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],

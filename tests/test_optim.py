@@ -119,3 +119,13 @@ def test_resuming_with_the_other_optimizer_is_refused(tmp_path, tiny_gpt2):
     with pytest.raises(NanotuneError, match="saved with --optim adamw8bit: resume it with --optim adamw8bit"):
         load_state(tmp_path, model, make_optimizer(model, 1e-3, 0.1))
     assert load_state(tmp_path, model, make_optimizer(model, 1e-3, 0.1, kind="adamw8bit")) == {"step": 1}
+
+
+@pytest.mark.parametrize("flags, message", [(["--reward", "length"], "GRPO \\(--reward\\) steps with AdamW"),
+                                            (["--fsdp"], "does not step FSDP's sharded weights")])
+def test_adamw8bit_where_it_cannot_serve_is_refused(flags, message):
+    from nanotune.errors import NanotuneError
+    from nanotune.run.train_flags import check_settings, parser
+    args = parser().parse_args(["--data", "x.txt", "--optim", "adamw8bit", *flags])
+    with pytest.raises(NanotuneError, match=message):
+        check_settings(args, "lm")

@@ -251,6 +251,9 @@ def check_settings(args, task):
                             " run it in one process")
     if args.optim == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise NanotuneError("--optim adamw8bit needs bitsandbytes: pip install bitsandbytes")
+    if args.optim == "adamw8bit" and args.reward:
+        raise NanotuneError("--optim adamw8bit is for supervised and preference training; GRPO (--reward) steps with"
+                            " AdamW: leave out --optim")
     if args.optim == "adamw8bit" and args.fsdp:
         raise NanotuneError("--optim adamw8bit does not step FSDP's sharded weights: leave out --fsdp or use adamw")
     if args.fsdp and (distributed.world_size() == 1 or args.lora_r or args.quantize):

@@ -248,6 +248,11 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
     parts["gradients (fp32, of what trains)"] = 4 * trainable
     state = STATE_BYTES[optim] * trainable
     parts[f"optimizer state ({'AdamW: two moments' if optim == 'adamw' else 'AdamW: two moments in 8 bits'})"] = state
+    if optim == "adamw8bit" and not on_gpu:
+        # bitsandbytes' CPU step decodes one tensor's moments at a time into fp32 and steps it with
+        # ordinary tensor operations: five fp32 copies of the largest tensor at once (measured)
+        largest = V * C if lora is None else lora.r * max(C, inner)
+        parts["the 8-bit step's fp32 temporaries (its largest tensor, decoded)"] = 5 * 4 * largest
     if background_saving:     # an epoch's weights and moments, copied, written while the next epoch trains
         parts["saving in the background: a copy of the weights and moments"] = 4 * (
             total_params if lora is None else trainable) + state

@@ -189,7 +189,7 @@ def run_command(args, dtype):
         raise SystemExit(done.stderr[-3000:])
     times = json.loads(done.stderr.split("TIMES ")[-1])
     print(done.stdout[-1500:], flush=True)
-    times["validation_loss"] = float(re.findall(r"validation loss ([0-9.]+)\)", done.stdout)[-1])
+    times["validation_loss"] = float(re.findall(r"validation loss ([0-9.]+)", done.stdout)[-1])   # the last epoch's
     return wall, start, times
 
 

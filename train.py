@@ -86,7 +86,7 @@ def main(args):
     # does not weaken it (nanotune/optim.py says what decays). 5e-5: small, because the pre-trained
     # weights are already good, and large steps would erase what pre-training learned.
     train_model = distributed.wrap(model, run.device, args.fsdp) if run.world > 1 else model    # DDP or FSDP
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, lr_decay=args.lr_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, lr_decay=args.lr_decay, kind=args.optim)
     if args.lr_decay or args.show_groups:
         run.print(format_groups(optimizer, args.lr))
     if args.show_groups:

@@ -5,8 +5,10 @@ import re
 import torch
 import torch.nn as nn
 
+from . import tricks
 from .errors import NanotuneError
 from .hub import own_memory
+from .quantize import _bitsandbytes
 
 
 def freeze(model, what):
@@ -70,17 +72,36 @@ def param_groups(model, weight_decay, lr_decay=None):
     return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
 
-def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, lr_decay=None):
+OPTIMIZERS = ("adamw", "adamw8bit")
+# Bytes of optimizer state per trained parameter: AdamW's two fp32 moments; or the same moments as
+# 1-byte codes, plus each block of 256 codes' fp32 scale, one per moment (tensors under 4,096 values,
+# biases and norms' gains, keep fp32 moments: a few kilobytes).
+STATE_BYTES = {"adamw": 8, "adamw8bit": 2 + 2 * 4 / 256}
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, lr_decay=None, kind="adamw"):
+    """AdamW over `param_groups`; kind "adamw8bit": its moments held in 8 bits (adamw_8bit)."""
     groups = param_groups(model, weight_decay, lr_decay)
     if not any(g["params"] for g in groups):
         raise NanotuneError("nothing to train: every parameter is frozen")
-    # The fused kernel updates all parameters in one pass (CPU and CUDA); plain AdamW elsewhere.
-    # A parameter whose gradient is None (frozen for now) is skipped: not moved, not decayed.
     own_memory(p for g in groups for p in g["params"])
-    devices = {p.device.type for g in groups for p in g["params"]}
-    plain = all(p.is_floating_point() and type(p.data) is torch.Tensor for g in groups for p in g["params"])
-    fused = devices <= {"cpu", "cuda"} and plain
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    # A parameter whose gradient is None (frozen for now) is skipped: not moved, not decayed.
+    if kind == "adamw8bit":
+        return adamw_8bit(groups, lr, betas, eps)
+    if tricks.enabled("fused_adamw") and tricks.fuses_adamw(groups):
+        return tricks.fused_adamw(groups, lr=lr, betas=betas, eps=eps)   # the same update, one pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def adamw_8bit(groups, lr, betas, eps):
+    """AdamW with both moments stored in 8 bits (Dettmers et al., 2022: bitsandbytes' AdamW8bit):
+    2 bytes of state a parameter instead of 8. Each block of 256 values of a moment is kept as
+    1-byte codes into a non-linear ("dynamic") map, dense near zero where most moments lie, times
+    the block's largest magnitude; a step decodes a block, takes AdamW's step in fp32 and encodes it
+    again. Blocks keep one outlier from flattening the rest of the tensor, so the update stays
+    within about a percent of AdamW's (tests/test_optim.py). The weights and gradients stay fp32."""
+    bnb = _bitsandbytes()
+    return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
 
 
 def format_groups(optimizer, lr):

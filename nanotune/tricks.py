@@ -25,6 +25,8 @@ Each trick: its name, the plain version (where a reader meets it) -> the fast tw
 - fast_sampling: torch.multinomial -> sample: inverse transform sampling
 - few_shapes: data.make_batch: each batch padded to its longest example -> padded_to_multiple: and on
   to a multiple of 8 positions
+- fused_adamw: optim.make_optimizer: torch.optim.AdamW, one parameter at a time -> fused_adamw:
+  PyTorch's fused kernel, every parameter's update in one pass over its bytes
 - clip_in_adamw: train.clip_and_step: clip_grad_norm_ scales the gradients, then AdamW reads them ->
   clip_inside_adamw: the norm measured, the scale handed to AdamW's fused pass
 - keep_freed_memory: the C library's malloc as it is -> keep_freed_memory: each step reuses the
@@ -60,8 +62,8 @@ import torch.nn.functional as F
 from .quantize import BLOCK, _bitsandbytes, check, dequantized_weight, quantized_linear
 
 NAMES = ("few_shapes", "dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "quantized_decoding",
-         "fast_sampling", "clip_in_adamw", "keep_freed_memory", "quantize_in_pieces", "background_saving",
-         "mapped_checkpoint", "transposed_views")
+         "fast_sampling", "fused_adamw", "clip_in_adamw", "keep_freed_memory", "quantize_in_pieces",
+         "background_saving", "mapped_checkpoint", "transposed_views")
 _off = set()            # the tricks turned off in this process
 
 
@@ -524,6 +526,27 @@ def padded_to_multiple(batch, pad_id, limit):
     if batch.get("position_ids") is not None:
         wider["position_ids"] = widened(batch["position_ids"], 0)
     return wider
+
+
+# ---- fused_adamw ---------------------------------------------------------------------------------
+
+def fuses_adamw(groups) -> bool:
+    """Whether fused_adamw can serve: PyTorch has the fused kernel for CPU and CUDA tensors, and
+    for plain ones only (not FSDP's sharded DTensors)."""
+    params = [p for g in groups for p in g["params"]]
+    return {p.device.type for p in params} <= {"cpu", "cuda"} and all(
+        p.is_floating_point() and type(p.data) is torch.Tensor for p in params)
+
+
+def fused_adamw(groups, **settings):
+    """torch.optim.AdamW(groups, **settings) with `fused=True`: the same update, computed for all
+    parameters by one kernel that reads each weight, gradient and moment once and writes the
+    weight and moments once. Plain AdamW on a CPU steps one parameter at a time through about ten
+    separate tensor operations (each a pass over memory: the moments' decay, their sums, the
+    square root, the division), so it moves several times the bytes. The arithmetic is AdamW's, in
+    fp32, in the same order up to rounding (tests/test_optim.py). It is also the optimizer that
+    clip_inside_adamw can hand its clipping factor to."""
+    return torch.optim.AdamW(groups, fused=True, **settings)
 
 
 # ---- clip_in_adamw -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ TRAIN_BAD = {
     "--loss-type": ["ppo"], "--epsilon": ["0", "1", "nan"], "--updates-per-batch": ["0"], "--kl-beta": ["-1", "nan"],
     "--max-new-tokens": ["0"], "--temperature": ["0", "-1", "inf"],
     "--beta": ["0", "-1", "nan"], "--dpo-loss": ["hinge"], "--lm-eval": [""], "--lm-eval-limit": ["0", "-1", "nan"],
+    "--optim": ["adam8bit", ""],
 }
 GENERATE_BAD = {
     "--model": [""], "--adapter": [""], "--quantize": ["2bit"], "--dtype": ["fp8"], "--device": ["bogus", "cuda:99"],

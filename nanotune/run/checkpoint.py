@@ -60,7 +60,14 @@ def training_state(model, optimizer, progress, frozen=None):
     weights = {n: (p.detach() if frozen is None else frozen[id(p)]) for n, p in model.named_parameters()
                if p.requires_grad}
     moments = optimizer.state_dict() if frozen is None else copy.deepcopy(optimizer.state_dict())
-    return {"progress": dict(progress), "rng": rng_states(), "model": weights, "optimizer": moments}
+    return {"progress": dict(progress), "rng": rng_states(), "model": weights, "optimizer": moments,
+            "optim": optimizer_kind(optimizer)}
+
+
+def optimizer_kind(optimizer):
+    """--optim's value for this optimizer: AdamW's fp32 moments and the 8-bit ones do not load into
+    each other."""
+    return "adamw8bit" if type(optimizer).__name__ == "AdamW8bit" else "adamw"
 
 
 def write_state(folder, state):
@@ -110,6 +117,10 @@ def load_state(folder, model, optimizer, sharded=False) -> dict:
     if sharded != ("sharded" in state):
         saved = "with --fsdp (its weights are in shards)" if "sharded" in state else "without --fsdp"
         raise NanotuneError(f"--resume: the run in {folder} was saved {saved}: resume it {saved.split(' (')[0]}")
+    saved_with = state.get("optim", "adamw")                  # (states saved before --optim: AdamW's)
+    if saved_with != optimizer_kind(optimizer):
+        raise NanotuneError(f"--resume: the run in {folder} was saved with --optim {saved_with}: resume it with"
+                            f" --optim {saved_with}")
     if sharded:
         _load_shards(Path(folder) / state["sharded"], model, optimizer, state["param_groups"])
     else:

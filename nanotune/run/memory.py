@@ -18,6 +18,7 @@ import torch
 
 from .. import preference, tricks
 from ..errors import NanotuneError
+from ..optim import STATE_BYTES
 from .checkpoint import saves_in_background
 
 MiB = 2**20
@@ -221,7 +222,7 @@ _probes = {}
 
 def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpointing=False, labels=2, chunked_loss=True,
              on_gpu=False, baseline=None, chunk=512, background_saving=False, dropout=True, logits=True,
-             reference_pass=False):
+             reference_pass=False, optim="adamw"):
     """{component: bytes}, "total" (the peak: on CPU the process's resident memory, on a GPU the
     memory torch allocates) and "needed" (what the run still has to find), before it starts.
     Preference tuning: `dropout` False (it is off), `logits` False for a reward model (its head reads
@@ -251,10 +252,16 @@ def estimate(config, batch, seq, *, bf16=False, quant=None, lora=None, checkpoin
         trainable = lora_count(config, lora.r, lora.targets) + (0 if is_lm else C * labels + labels)
         parts[f"LoRA weights (r {lora.r})"] = 4 * lora_count(config, lora.r, lora.targets)
     parts["gradients (fp32, of what trains)"] = 4 * trainable
-    parts["optimizer state (AdamW: two moments)"] = 8 * trainable
+    state = STATE_BYTES[optim] * trainable
+    parts[f"optimizer state ({'AdamW: two moments' if optim == 'adamw' else 'AdamW: two moments in 8 bits'})"] = state
+    if optim == "adamw8bit" and not on_gpu:
+        # bitsandbytes' CPU step decodes one tensor's moments at a time into fp32 and steps it with
+        # ordinary tensor operations: five fp32 copies of the largest tensor at once (measured)
+        largest = V * C if lora is None else lora.r * max(C, inner)
+        parts["the 8-bit step's fp32 temporaries (its largest tensor, decoded)"] = 5 * 4 * largest
     if background_saving:     # an epoch's weights and moments, copied, written while the next epoch trains
         parts["saving in the background: a copy of the weights and moments"] = 4 * (
-            total_params if lora is None else trainable) + 8 * trainable
+            total_params if lora is None else trainable) + state
     BTC, attention = batch * seq * C, batch * nh * seq * seq
     per_block = lambda fit: max(0.0, fit[0] * BTC + fit[1] * attention + fit[2])
     # Checkpointing keeps each block's input (fp32) and recomputes one block at a time in backward;
@@ -368,7 +375,7 @@ def check(args, run, config, report, num_labels):
                     checkpointing=args.grad_checkpointing, labels=num_labels,
                     chunked_loss=tricks.enabled("chunked_loss") and not pairs, on_gpu=run.device.type == "cuda",
                     dropout=not pairs, logits=run.task != "reward", reference_pass=run.task == "dpo" and bool(run.lora),
-                    background_saving=tricks.enabled("background_saving")
+                    optim=args.optim, background_saving=tricks.enabled("background_saving")
                     and saves_in_background(run, min(args.epochs, args.stop_after_epochs or args.epochs)))
     parts = estimate(config, **settings)
     run.print(format_estimate(parts, settings["batch"], seq))

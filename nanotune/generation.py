@@ -130,7 +130,8 @@ def generate_with_cache(model, prompts, max_new_tokens, pad_id, eos_id=None, tem
     The keys and values of the positions already seen do not change when a token is appended (a
     position only looks back), so they are kept (KVCache, above) and each step feeds only the newest
     token through the model: a step costs one position instead of the whole text. The same logits,
-    up to rounding. On CPU, linear layers are also packed once for the decoding steps (bf16, or fp32
+    up to rounding. A Llama's blocks compute their q, k, v and gate, up projections as two products
+    (tricks.fused_blocks). On CPU, linear layers are also packed once for the decoding steps (bf16, or fp32
     when several sequences decode together), and a quantized model's layers use faster kernels
     (tricks.packed_linears)."""
     device = model.lm_head.weight.device
@@ -144,7 +145,7 @@ def generate_with_cache(model, prompts, max_new_tokens, pad_id, eos_id=None, tem
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, input_ids, attention_mask.bool())
     new, finished = [[] for _ in range(B)], [False] * B
-    with torch.inference_mode(), tricks.packed_linears(model, B):
+    with torch.inference_mode(), tricks.fused_blocks(model), tricks.packed_linears(model, B):
         # The prompt in one forward pass fills the cache; only the last position's logits are needed.
         hidden = model.hidden_states(input_ids, attention_mask if padded else None, position_ids, cache)
         logits = model.lm_head(hidden[:, -1]).float()                                            # (B, V)

@@ -22,6 +22,8 @@ Each trick: its name, the plain version (where a reader meets it) -> the fast tw
 - quantized_decoding: bitsandbytes' layers and the fp32 output layer while decoding a quantized
   model -> Int8Linear: PyTorch's int8 weight-only kernel; Bf16Linear for 4-bit layers without
   bitsandbytes' fast kernel; the output layer read in bf16
+- fused_decoding: llama.Block while generating (q, k, v and gate, up: five products, each read
+  from its own weight) -> FusedBlock: one q|k|v product and one gate|up product a layer
 - fast_sampling: torch.multinomial -> sample: inverse transform sampling
 - few_shapes: data.make_batch: each batch padded to its longest example -> padded_to_multiple: and on
   to a multiple of 8 positions
@@ -62,7 +64,7 @@ import torch.nn.functional as F
 from .quantize import BLOCK, _bitsandbytes, check, dequantized_weight, quantized_linear
 
 NAMES = ("few_shapes", "dropout_mask", "attention", "chunked_loss", "kv_cache", "packed_weights", "quantized_decoding",
-         "fast_sampling", "fused_adamw", "clip_in_adamw", "keep_freed_memory", "quantize_in_pieces",
+         "fused_decoding", "fast_sampling", "fused_adamw", "clip_in_adamw", "keep_freed_memory", "quantize_in_pieces",
          "background_saving", "mapped_checkpoint", "transposed_views")
 _off = set()            # the tricks turned off in this process
 
@@ -478,6 +480,89 @@ def packed_linears(model, rows=1):
     finally:
         for parent, name, child, _ in swapped:
             setattr(parent, name, child)
+
+
+# ---- fused_decoding ------------------------------------------------------------------------------
+
+class FusedBlock(nn.Module):
+    """A Llama block (llama.Block) for generating, with its query, key and value projections made
+    one product, and its gate and up projections another. The three (and the two) read the same
+    normalized input, so stacking their weights row-wise, (q | k | v) and (gate | up), gives one
+    output whose column slices are the separate outputs: the same numbers, from two larger products
+    instead of five small ones. A decoding step multiplies one row by each weight, so each product
+    is short and its fixed cost (the call, the threads woken) is a large part of it: 30 layers of
+    SmolLM2 make 150 such products a token, fused 60. The stacked weights are copies, made when
+    generation starts and dropped when it ends (fused_blocks)."""
+
+    def __init__(self, block):
+        super().__init__()
+        from .llama import apply_rope, attention          # llama.py imports this module: imported late
+        self.rope, self.attention = apply_rope, attention
+        attn, mlp = block.self_attn, block.mlp
+        self.input_layernorm, self.post_attention_layernorm = block.input_layernorm, block.post_attention_layernorm
+        self.n_head, self.n_kv, self.head_dim = attn.n_head, attn.n_kv, attn.head_dim
+        self.qkv = _stacked(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o_proj, self.down_proj = attn.o_proj, mlp.down_proj
+        self.gate_up = _stacked(mlp.gate_proj, mlp.up_proj)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, C = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv, self.head_dim
+        q, k, v = self.qkv(self.input_layernorm(x)).split((nh * hs, nkv * hs, nkv * hs), dim=-1)
+        q = self.rope(q.view(B, T, nh, hs).transpose(1, 2), cos, sin)                   # (B, nh, T, hs)
+        k = self.rope(k.view(B, T, nkv, hs).transpose(1, 2), cos, sin)                  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = self.attention(q, k, v, mask, 0.0)                                          # (B, nh, T, hs)
+        x = x + self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hs))
+        gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+def _stacked(*linears):
+    """One nn.Linear whose weight is the layers' weights one under the other (and biases likewise)."""
+    first = linears[0]
+    weight = torch.cat([m.weight.detach() for m in linears])
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=first.bias is not None, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if first.bias is not None:
+        out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    return out
+
+
+def fuses(block):
+    """Whether FusedBlock computes what this block computes: a Llama block with exactly the plain
+    parts FusedBlock knows (no q/k norms, no other norms, no LoRA or quantized layers), not training.
+    Anything else (a family with more parts in its blocks) keeps its own forward."""
+    parts = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+    if type(block).__name__ != "Block" or {n for n, _ in block.named_children()} != parts or block.training:
+        return False
+    attn, mlp = block.self_attn, block.mlp
+    linears = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
+    if {n for n, _ in attn.named_children()} != linears[0] or {n for n, _ in mlp.named_children()} != linears[1]:
+        return False
+    if type(block.input_layernorm).__name__ != "RMSNorm" or type(block.post_attention_layernorm).__name__ != "RMSNorm":
+        return False
+    stacked = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+    return all(type(m) is nn.Linear and (m.bias is None) == (group[0].bias is None)
+               and m.weight.dtype == group[0].weight.dtype for group in stacked for m in group)
+
+
+@contextmanager
+def fused_blocks(model):
+    """While generating: each Llama block that fuses() swapped for a FusedBlock; put back afterwards."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    swapped = []
+    if enabled("fused_decoding") and isinstance(layers, nn.ModuleList) and type(model).__name__ == "Llama":
+        swapped = [(i, block) for i, block in enumerate(layers) if fuses(block)]
+    for i, block in swapped:
+        layers[i] = FusedBlock(block)
+    try:
+        yield
+    finally:
+        for i, block in swapped:
+            layers[i] = block
 
 
 # ---- fast_sampling -------------------------------------------------------------------------------
